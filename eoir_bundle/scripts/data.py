@@ -1,0 +1,129 @@
+"""Data lists for the workflows: LUMIR dataset JSONs and single pairs, checked before any work.
+
+A LUMIR dataset JSON lists paths relative to the dataset folder, with a leading ``/`` or
+``./`` (``"/imagesVal/LUMIRMRI_3455_0000.nii.gz"``). Registration pairs are the entries
+with ``fixed`` and ``moving`` under ``test`` (the EOIR authors' JSON) or, failing that,
+under ``validation`` (the challenge's JSON). Every pair item is
+``{"moving": path, "fixed": path, "moving_path": path, "fixed_path": path}``; the ``*_path``
+copies survive loading so that writers can name outputs after the subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+
+from .errors import InputError
+
+
+def resolve(dataset_dir: str | os.PathLike, entry: str) -> str:
+    """Path of a dataset-JSON entry: relative to ``dataset_dir`` (leading ``/`` or ``./`` allowed)."""
+    rel = entry[2:] if entry.startswith("./") else entry.lstrip("/")
+    return str(Path(dataset_dir) / rel)
+
+
+def read_dataset_json(path: str | os.PathLike) -> dict:
+    """Parse a dataset JSON, with a clear error if it is missing or not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: dataset JSON not found")
+    try:
+        with open(p) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a JSON object with 'training'/'validation'/'test' lists")
+    return data
+
+
+def _header_shape(path: str, role: str) -> tuple[int, ...]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: {role} image not found")
+    try:
+        shape = tuple(int(s) for s in nib.load(str(p)).shape)
+    except Exception as e:
+        raise InputError(f"{p}: cannot read {role} image as NIfTI ({e.__class__.__name__}: {e})") from None
+    if len(shape) == 4 and shape[-1] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{p}: {role} image must be a 3D volume, got shape {shape}")
+    return shape
+
+
+def check_pair(moving: str, fixed: str) -> dict:
+    """Check that both files exist, are readable 3D NIfTI of the same shape; return the pair item."""
+    ms, fs = _header_shape(moving, "moving"), _header_shape(fixed, "fixed")
+    if ms != fs:
+        raise InputError(f"{moving} has shape {ms} but {fixed} has shape {fs}: the pair must share one grid")
+    return {"moving": str(moving), "fixed": str(fixed), "moving_path": str(moving), "fixed_path": str(fixed)}
+
+
+def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike) -> list[dict]:
+    """Registration pairs of a LUMIR dataset JSON (``test`` first, else ``validation``), checked."""
+    data = read_dataset_json(data_list_file_path)
+    for section in ("test", "validation"):
+        entries = [e for e in data.get(section) or [] if isinstance(e, dict) and "fixed" in e and "moving" in e]
+        if entries:
+            return [check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"])) for e in entries]
+    raise InputError(
+        f"{data_list_file_path}: no registration pairs: expected entries with 'fixed' and 'moving' under 'test' or 'validation'"
+    )
+
+
+def inference_pairs(
+    data_list_file_path: str = "", dataset_dir: str = ".", moving_image: str = "", fixed_image: str = ""
+) -> list[dict]:
+    """The pairs an inference run registers: one pair by path if given, else the dataset JSON's pairs."""
+    if moving_image or fixed_image:
+        if not (moving_image and fixed_image):
+            raise InputError("give both moving_image and fixed_image (or neither, to use data_list_file_path)")
+        return [check_pair(moving_image, fixed_image)]
+    if not data_list_file_path:
+        raise InputError("nothing to register: set moving_image and fixed_image, or data_list_file_path")
+    return lumir_pairs(data_list_file_path, dataset_dir)
+
+
+def _existing(path: str, what: str, source) -> str:
+    if not Path(path).is_file():
+        raise InputError(f"{source}: lists {path} ({what}), which does not exist")
+    return path
+
+
+def training_images(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike) -> list[str]:
+    """Paths of the ``training`` images of a LUMIR dataset JSON (checked to exist)."""
+    data = read_dataset_json(data_list_file_path)
+    entries = [e["image"] for e in data.get("training") or [] if isinstance(e, dict) and "image" in e]
+    if len(entries) < 2:
+        raise InputError(f"{data_list_file_path}: needs at least 2 'training' images, found {len(entries)}")
+    return [_existing(resolve(dataset_dir, e), "training image", data_list_file_path) for e in entries]
+
+
+def labelled_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike) -> list[dict]:
+    """All ordered pairs ``(moving i, fixed j), i != j`` of the labelled ``validation`` images.
+
+    The authors' JSON lists them as ``{"image": ..., "seg": ...}`` (LUMIR's
+    ``SanityCheckLabelsTr``); each pair item has ``moving``, ``fixed``, ``moving_label``,
+    ``fixed_label`` and the ``*_path`` copies of the image paths.
+    """
+    data = read_dataset_json(data_list_file_path)
+    entries = [e for e in data.get("validation") or [] if isinstance(e, dict) and "image" in e and "seg" in e]
+    if len(entries) < 2:
+        raise InputError(
+            f"{data_list_file_path}: needs at least 2 labelled 'validation' entries ({{'image', 'seg'}}), found {len(entries)}"
+        )
+    items = [
+        (_existing(resolve(dataset_dir, e["image"]), "image", data_list_file_path),
+         _existing(resolve(dataset_dir, e["seg"]), "label map", data_list_file_path))
+        for e in entries
+    ]
+    return [
+        {"moving": mi, "fixed": fi, "moving_label": ml, "fixed_label": fl, "moving_path": mi, "fixed_path": fi}
+        for i, (mi, ml) in enumerate(items)
+        for j, (fi, fl) in enumerate(items)
+        if i != j
+    ]

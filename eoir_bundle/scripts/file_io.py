@@ -1,0 +1,119 @@
+"""NIfTI reading with input checks, atomic writing, and LUMIR subject ids.
+
+Conventions: arrays are in the file's array-axis order (no reorientation); a LUMIR file
+``LUMIRMRI_3455_0000.nii.gz`` has subject id ``3455``; any other file's id is its stem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+
+_LUMIR_ID = re.compile(r"LUMIRMRI_(\d{4})_\d{4}")
+
+
+def subject_id(path: str | os.PathLike) -> str:
+    """4-digit LUMIR subject number of ``path``, else the file name without its extension."""
+    name = Path(path).name
+    m = _LUMIR_ID.search(name)
+    if m:
+        return m.group(1)
+    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gz"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def check_volume(array: np.ndarray, path: str | os.PathLike, what: str = "image") -> np.ndarray:
+    """Raise :class:`InputError` unless ``array`` is a finite 3D volume; return it."""
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"{path}: {what} must be a 3D volume, got shape {tuple(array.shape)}")
+    if min(array.shape) < 2:
+        raise InputError(f"{path}: {what} has a degenerate shape {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n = int((~np.isfinite(array)).sum())
+        raise InputError(f"{path}: {what} contains {n} NaN/Inf voxels")
+    return array
+
+
+def load_nifti(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI file as ``(array, affine)`` after checking it exists, parses and is 3D, finite."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: {what} file not found")
+    try:
+        img = nib.load(str(p))
+        array = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise InputError(f"{p}: cannot read {what} as NIfTI ({e.__class__.__name__}: {e})") from None
+    return check_volume(array, p, what), img.affine
+
+
+def ensure_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and check that files can be created in it."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise InputError(f"{d}: output folder is not writable ({e.strerror or e})") from None
+    return d
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` on a temporary name in the destination folder, then rename to ``path``.
+
+    A crash, a full disk or a bad input leaves either the old file or none, never a truncated
+    one. The file gets the usual permissions (``0o666`` less the umask).
+    """
+    p = Path(path)
+    ensure_writable_dir(p.parent)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return p
+
+
+def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=None) -> Path:
+    """Write ``array`` as NIfTI (``dtype`` if given) with ``affine`` to ``path`` atomically."""
+    arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    img.header.set_data_dtype(arr.dtype)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file (JSON, CSV) atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (checkpoints: an interrupted save never corrupts the last one)."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,171 @@
+"""EOIR: Encoder-Only Image Registration network.
+
+Reference:
+    Chen et al., "Encoder-Only Image Registration", IEEE TCSVT 2026, arXiv:2509.00451;
+    LUMIR 2024 solution: Zhang et al., arXiv:2409.00917 (MIT-licensed code by the authors;
+    this is an independent re-implementation that loads their published weights after
+    ``python -m scripts.convert_checkpoint``).
+
+Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
+    - tensors are ``(B, C, D0, D1, D2)``; the input is ``cat([moving, fixed], dim=1)`` with
+      intensities in ``[0, 1]`` (LUMIR uint8 / 255);
+    - the output is a dense displacement field ``ddf`` of shape ``(B, 3, D0, D1, D2)`` in
+      **voxel units**, channel ``i`` = shift along array axis ``i``, such that
+      ``warped_moving(p) = moving(p + ddf(p))`` (trilinear, ``align_corners=True``);
+    - inside the network, warping pads with **zeros** (as the authors do) and velocities are
+      integrated by scaling and squaring in 7 steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, DVF2DDF, Warp
+from torch import nn
+
+__all__ = ["EOIR", "FlowEstimator", "NUM_LEVELS", "INTEGRATION_STEPS"]
+
+NUM_LEVELS = 5
+INTEGRATION_STEPS = 7
+_DIVISOR = 2 ** (NUM_LEVELS - 1)  # 16: every pyramid level halves the size
+
+
+def _encoder_block(in_channels: int, out_channels: int) -> Convolution:
+    """Conv3d(k3, p1, bias) -> InstanceNorm3d (no affine, no running stats) -> PReLU (one slope)."""
+    return Convolution(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=3,
+        act=("prelu", {"num_parameters": 1}),
+        norm=("instance", {"affine": False, "track_running_stats": False}),
+        adn_ordering="NA",
+    )
+
+
+class FlowEstimator(nn.Module):
+    """One pyramid level's velocity estimator.
+
+    ``v = conv(relu(conv(relu(conv(cat(y + x, y - x))))))``: ``2N -> 2N -> 27 -> 3`` channels,
+    3x3x3 kernels. ``x`` are the (already warped) moving features, ``y`` the fixed features.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            Convolution(3, 2 * channels, 2 * channels, kernel_size=3, act="relu", norm=None),
+            Convolution(3, 2 * channels, 27, kernel_size=3, act="relu", norm=None),
+        )
+        self.flow = Convolution(3, 27, 3, kernel_size=3, conv_only=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.flow(self.features(torch.cat([y + x, y - x], dim=1)))
+
+
+class EOIR(nn.Module):
+    """EOIR registration network: a shared 3-layer encoder and five coarse-to-fine flow estimators.
+
+    Both images go through the encoder (``1 -> N -> 2N -> N`` channels) as one batch; the
+    features form a 5-level pyramid (trilinear x0.5, ``align_corners=True``). From the
+    coarsest level (4) to the finest (0), each level warps the moving features by the
+    upsampled field of the coarser level, estimates a stationary velocity ``v_l``,
+    integrates it (``DVF2DDF``, 7 steps) to ``phi_l`` and composes
+    ``u_l = phi_l + warp(u_up, phi_l)``; ``u_up = 2 * upsample_x2(u_l)`` feeds the next level.
+
+    Args:
+        start_channel: ``N``, the encoder width (32 in the LUMIR submission, 16 in the
+            authors' training script).
+        return_pyramid: in training mode (``net.train()``), also return the per-level
+            velocities and composed displacements (what the multi-scale training loss
+            needs): ``forward`` then returns a dict
+            ``{"ddf": u_0, "velocities": [v_0..v_4], "displacements": [u_0..u_4]}``, level 0
+            first, each field in voxel units of its own level. The sizes must then be
+            multiples of 16. In eval mode ``forward`` always returns the full-resolution
+            ``ddf``, so one network serves a trainer and its validation evaluator.
+
+    Sizes that are not multiples of 16 are zero-padded symmetrically and the field is
+    cropped back (padding does not change voxel-unit displacements).
+
+    Example::
+
+        >>> net = EOIR(start_channel=8).eval()
+        >>> moving, fixed = torch.rand(1, 1, 32, 48, 32), torch.rand(1, 1, 32, 48, 32)
+        >>> with torch.no_grad():
+        ...     ddf = net(torch.cat([moving, fixed], dim=1))
+        >>> ddf.shape
+        torch.Size([1, 3, 32, 48, 32])
+        >>> warped = Warp(padding_mode="zeros")(moving, ddf)
+    """
+
+    def __init__(self, start_channel: int = 32, return_pyramid: bool = False) -> None:
+        super().__init__()
+        n = int(start_channel)
+        if n < 1:
+            raise ValueError(f"start_channel must be a positive integer, got {start_channel}")
+        self.start_channel = n
+        self.return_pyramid = return_pyramid
+        self.encoder = nn.Sequential(_encoder_block(1, n), _encoder_block(n, 2 * n), _encoder_block(2 * n, n))
+        self.estimators = nn.ModuleList([FlowEstimator(n) for _ in range(NUM_LEVELS)])
+        for est in self.estimators:  # start near the identity: tiny flow weights, zero bias
+            nn.init.normal_(est.flow.conv.weight, 0.0, 1e-5)
+            nn.init.zeros_(est.flow.conv.bias)
+        # MONAI's Warp/DVF2DDF default to "border" padding; the authors' transformer pads with
+        # zeros (torch grid_sample's default), and the published weights expect it.
+        with warnings.catch_warnings():  # Warp announces that it uses torch's grid_sample: expected
+            warnings.simplefilter("ignore")
+            self.warp = Warp(mode="bilinear", padding_mode="zeros")
+            self.integrate = DVF2DDF(num_steps=INTEGRATION_STEPS, mode="bilinear", padding_mode="zeros")
+
+    @staticmethod
+    def downsample(x: torch.Tensor) -> torch.Tensor:
+        """Next pyramid level: trilinear x0.5, ``align_corners=True``."""
+        return F.interpolate(x, scale_factor=0.5, mode="trilinear", align_corners=True)
+
+    @staticmethod
+    def upsample_field(u: torch.Tensor) -> torch.Tensor:
+        """A level's displacement on the next finer level: ``2 * trilinear_x2(u)`` (voxel units double)."""
+        return 2.0 * F.interpolate(u, scale_factor=2, mode="trilinear", align_corners=True)
+
+    def pyramid(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """All levels: ``{"velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first)."""
+        b = moving.shape[0]
+        feats = [self.encoder(torch.cat([moving, fixed], dim=0))]
+        for _ in range(NUM_LEVELS - 1):
+            feats.append(self.downsample(feats[-1]))
+        velocities: list[torch.Tensor] = []
+        displacements: list[torch.Tensor] = []
+        up = None
+        for level in reversed(range(NUM_LEVELS)):
+            x, y = feats[level][:b], feats[level][b:]
+            if up is not None:
+                x = self.warp(x, up)
+            v = self.estimators[level](x, y)
+            u = self.integrate(v)
+            if up is not None:
+                u = u + self.warp(up, u)
+            velocities.insert(0, v)
+            displacements.insert(0, u)
+            if level > 0:
+                up = self.upsample_field(u)
+        return {"velocities": velocities, "displacements": displacements}
+
+    def forward(self, x: torch.Tensor):
+        if x.ndim != 5 or x.shape[1] != 2:
+            raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
+        shape = x.shape[2:]
+        pads = [(-s) % _DIVISOR for s in shape]
+        if self.return_pyramid and self.training:
+            if any(pads):
+                raise ValueError(f"return_pyramid needs sizes that are multiples of {_DIVISOR}, got {tuple(shape)}")
+            out = self.pyramid(x[:, :1], x[:, 1:])
+            return {"ddf": out["displacements"][0], **out}
+        if any(pads):
+            # F.pad takes (last-axis-before, last-axis-after, ...): reverse the axis order
+            pad_arg = [p for s in reversed(pads) for p in (s // 2, s - s // 2)]
+            x = F.pad(x, pad_arg)
+        ddf = self.pyramid(x[:, :1], x[:, 1:])["displacements"][0]
+        if any(pads):
+            ddf = ddf[(...,) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))]
+        return ddf

@@ -1,0 +1,112 @@
+"""EOIR network: parity with an independent statement of the authors' model, checkpoint
+conversion from their exact layout, padding of odd sizes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from authors_reference import AuthorsEOIR
+
+from scripts.convert_checkpoint import convert_state_dict
+from scripts.network import EOIR
+
+SIZE = (32, 48, 32)
+
+
+def _authors_model(n, seed=0):
+    torch.manual_seed(seed)
+    model = AuthorsEOIR(n, SIZE)
+    with torch.no_grad():  # make the fields several voxels large so the test sees real warping
+        for level in range(5):
+            getattr(model, f"disp_warp_{level}").get_flow.weight.mul_(20.0)
+        for block in model.simple_encoder:
+            block.layer[2].weight.uniform_(0.05, 0.4)
+    return model.eval()
+
+
+def _pair(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 1, *SIZE, generator=g), torch.rand(1, 1, *SIZE, generator=g)
+
+
+@pytest.mark.parametrize("n", [8, 16])
+def test_same_field_as_authors_model(n):
+    authors = _authors_model(n)
+    state, inferred = convert_state_dict(authors.state_dict())
+    assert inferred == n
+    net = EOIR(start_channel=n).eval()
+    net.load_state_dict(state, strict=True)
+    moving, fixed = _pair()
+    with torch.no_grad():
+        ref = authors(moving, fixed)
+        ddf = net(torch.cat([moving, fixed], 1))
+    assert ref.abs().max() > 1.0, "the test field should move voxels by more than one voxel"
+    assert (ddf - ref).abs().max().item() < 1e-4
+
+
+def test_no_grid_buffers_and_parameter_counts():
+    for n, count in [(16, 294_272), (32, 909_232)]:
+        net = EOIR(start_channel=n)
+        assert sum(p.numel() for p in net.parameters()) == count
+        assert sum(v.numel() for v in net.state_dict().values()) == count  # nothing but learned tensors
+
+
+def test_training_outputs_are_the_level_fields():
+    net = EOIR(start_channel=8, return_pyramid=True)
+    moving, fixed = _pair()
+    out = net(torch.cat([moving, fixed], 1))
+    assert [tuple(v.shape[2:]) for v in out["velocities"]] == [tuple(s // 2**l for s in SIZE) for l in range(5)]
+    assert out["ddf"] is out["displacements"][0]
+    out["ddf"].sum().backward()
+    assert net.estimators[4].flow.conv.weight.grad.abs().sum() > 0
+
+
+def test_odd_sizes_are_padded_and_cropped():
+    net = _eoir_from_authors(8)
+    moving, fixed = _pair()
+    crop = (slice(None), slice(None), slice(1, 31), slice(3, 45), slice(0, 29))
+    with torch.no_grad():
+        ddf = net(torch.cat([moving, fixed], 1)[crop])
+    assert ddf.shape == (1, 3, 30, 42, 29)
+    assert torch.isfinite(ddf).all()
+
+
+def _eoir_from_authors(n):
+    net = EOIR(start_channel=n).eval()
+    net.load_state_dict(convert_state_dict(_authors_model(n).state_dict())[0])
+    return net
+
+
+def test_convert_checkpoint_cli_round_trip(tmp_path, bundle_root):
+    authors = _authors_model(8)
+    src = tmp_path / "authors.pth"
+    torch.save({"model_state_dict": authors.state_dict(), "epoch": 200}, src)
+    assert any(k.endswith(".grid") for k in authors.state_dict())
+    dst = tmp_path / "model.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.convert_checkpoint", str(src), str(dst)],
+        cwd=bundle_root, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "start_channel=8" in res.stdout
+    state = torch.load(dst, weights_only=True)
+    assert not any("grid" in k for k in state)
+    net = EOIR(start_channel=8).eval()
+    net.load_state_dict(state, strict=True)
+    moving, fixed = _pair()
+    with torch.no_grad():
+        assert torch.allclose(net(torch.cat([moving, fixed], 1)), authors(moving, fixed), atol=1e-4)
+
+
+def test_convert_checkpoint_rejects_foreign_checkpoint(tmp_path, bundle_root):
+    src = tmp_path / "other.pth"
+    torch.save({"model_state_dict": {"conv.weight": torch.zeros(3, 3)}}, src)
+    dst = tmp_path / "out.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.convert_checkpoint", str(src), str(dst)],
+        cwd=bundle_root, capture_output=True, text=True,
+    )
+    assert res.returncode != 0
+    assert str(src) in res.stderr and "Traceback" not in res.stderr
+    assert not dst.exists()
