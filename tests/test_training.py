@@ -1,0 +1,121 @@
+"""Training workflow (configs/train.json, multi_gpu_train.json) on tiny synthetic data."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLE, run_workflow
+
+from scripts.checkpoint import load_weights
+from scripts.data import training_images
+from scripts.make_synthetic_lumir import make_dataset
+from scripts.network import EOIR
+from scripts.pair_dataset import RandomPairDataset
+from scripts.training import PairLoss, latest_checkpoint
+
+SHAPE = (32, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def tiny_lumir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lumir")
+    make_dataset(root, subjects=4, seed=3, shape=SHAPE, val_subjects=2)
+    return root
+
+
+def _train(data, out, **overrides):
+    kw = {"dataset_dir": str(data), "data_list_file_path": str(data / "LUMIR_dataset.json"), "output_dir": str(out),
+          "network_def#start_channel": 8, "num_workers": 0, "learning_rate": 2e-3, "log_every": 1}
+    kw.update(overrides)
+    return run_workflow("train.json", workflow_type="train", **kw)
+
+
+def _mean_loss(weights, data, pairs):
+    """Mean multi-scale loss of fixed (moving, fixed) pairs with the given weights."""
+    import nibabel as nib
+
+    net = EOIR(start_channel=8, return_pyramid=True)
+    if weights is not None:
+        load_weights(net, weights)
+    net.train()
+    loss = PairLoss()
+    images = training_images(data / "LUMIR_dataset.json", data)
+    vals = []
+    with torch.no_grad():
+        for i, j in pairs:
+            x = np.stack([nib.load(images[i]).get_fdata(), nib.load(images[j]).get_fdata()]) / 255.0
+            x = torch.tensor(x[None], dtype=torch.float32)
+            vals.append(float(loss(net(x), x)))
+    return float(np.mean(vals))
+
+
+def test_training_lowers_the_loss_logs_dice_and_resumes(tiny_lumir, tmp_path):
+    out = tmp_path / "run"
+    _train(tiny_lumir, out, max_epochs=2)
+    assert latest_checkpoint(str(out)).endswith("checkpoint_epoch=2.pt")
+    assert (out / "model.pt").is_file()  # best validation Dice, plain state dict
+
+    # the trained weights lower the loss on training pairs, compared with the initial weights
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    torch.save(EOIR(start_channel=8).state_dict(), init)
+    pairs = [(0, 1), (1, 2), (2, 3), (3, 0)]
+    before, after = _mean_loss(init, tiny_lumir, pairs), _mean_loss(out / "checkpoint_epoch=2.pt", tiny_lumir, pairs)
+    assert after < before - 0.01, (before, after)
+
+    # validation Dice and folding went to TensorBoard every epoch, with image snapshots
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out)).Reload()
+    tags = events.Tags()
+    assert {"val_dice", "val_folding_pct", "train/loss", "train/ncc_l0", "train/reg_l4", "train/lr"} <= set(tags["scalars"])
+    dice = [e.value for e in events.Scalars("val_dice")]
+    assert len(dice) == 2 and all(0.2 < d <= 1.0 for d in dice)
+    assert "val/snapshot" in tags["images"]
+
+    # the same command again with more epochs resumes at epoch 3 (model, optimizer, scheduler, epoch)
+    ckpt = torch.load(out / "checkpoint_epoch=2.pt", weights_only=False)
+    assert ckpt["trainer"]["iteration"] == 2 * 4  # ignite keeps the iteration; epoch = iteration // epoch_length
+    wf = _train(tiny_lumir, out, max_epochs=3)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 3 and trainer.state.iteration == 3 * 4
+    assert latest_checkpoint(str(out)).endswith("checkpoint_epoch=3.pt")
+    lr = wf.parser.get_parsed_content("optimizer").param_groups[0]["lr"]
+    assert lr == pytest.approx(2e-3 * (1 - 3 / 3) ** 0.9, abs=1e-12)
+
+
+def test_random_pairs_are_reproducible_and_redrawn_each_epoch(tiny_lumir):
+    images = training_images(tiny_lumir / "LUMIR_dataset.json", tiny_lumir)
+    ds = RandomPairDataset(images, seed=5)
+    draws = []
+    for epoch in range(1, 4):
+        ds.set_epoch(epoch)
+        draws.append([ds.fixed_index(i) for i in range(len(images))])
+    assert all(f != i for d in draws for i, f in enumerate(d))
+    assert len({tuple(d) for d in draws}) > 1  # a new draw each epoch
+    again = RandomPairDataset(images, seed=5)
+    again.set_epoch(2)
+    assert [again.fixed_index(i) for i in range(len(images))] == draws[1]
+    assert ds[0]["moving"] == images[0]
+
+
+def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_lumir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "monai.bundle", "run", "training",
+           "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+           "--dataset_dir", str(tiny_lumir), "--output_dir", str(out), "--max_epochs", "1",
+           "--network_def#start_channel", "4", "--num_workers", "0", "--log_every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # 4 training images over 2 ranks: 2 iterations per rank per epoch
+    assert re.search(r"epoch 1/1 iter 2/2", res.stdout + res.stderr)
+    assert (out / "checkpoint_epoch=1.pt").is_file() and (out / "model.pt").is_file()
+    assert not any(p.name.startswith("rank") for p in out.iterdir())
