@@ -127,3 +127,35 @@ def labelled_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os
         for j, (fi, fl) in enumerate(items)
         if i != j
     ]
+
+
+def ground_truth_path(image_path: str, dest: str) -> str:
+    """The official evaluator's rule: ground truth sits beside the images with ``images`` -> ``dest``
+    (``imagesVal/x.nii.gz`` -> ``labelsVal/x.nii.gz`` or ``landmarksVal/x.nii.gz``)."""
+    p = Path(image_path)
+    return str(p.parent.parent / p.parent.name.replace("images", dest) / p.name)
+
+
+def evaluation_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike) -> list[dict]:
+    """Pairs to score: the dataset JSON's registration pairs (``test``, else ``validation``) with
+    their label maps (``labels*/``) and landmark volumes (``landmarks*/``) where those exist;
+    if none of them has a label map or landmarks, all ordered pairs of the labelled
+    ``validation`` images (:func:`labelled_pairs`). Keys: ``moving``, ``fixed``,
+    ``moving_label``/``fixed_label``, ``moving_landmarks``/``fixed_landmarks`` (when present).
+    """
+    try:
+        pairs = lumir_pairs(data_list_file_path, dataset_dir)
+    except InputError:
+        pairs = []
+    scored = []
+    for pair in pairs:
+        item = dict(pair)
+        for dest, key in (("labels", "label"), ("landmarks", "landmarks")):
+            m, f = ground_truth_path(pair["moving"], dest), ground_truth_path(pair["fixed"], dest)
+            if Path(m).is_file() and Path(f).is_file():
+                item[f"moving_{key}"], item[f"fixed_{key}"] = m, f
+        if len(item) > len(pair):
+            scored.append(item)
+    if scored:
+        return scored
+    return labelled_pairs(data_list_file_path, dataset_dir)

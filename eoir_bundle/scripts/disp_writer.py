@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
 from .file_io import atomic_save_nifti, ensure_writable_dir, subject_id
+from .qc import save_qc_png
 
 
 def disp_name(fixed_path: str, moving_path: str) -> str:
@@ -31,11 +32,15 @@ class DispWriter:
         output_dir: folder for the disp files (created; checked writable at construction).
         pred_key: key of the ``(3, H, W, D)`` field in the decollated output.
         log_every: log one progress line (pair, seconds, ETA) every this many pairs.
+        save_qc: also write ``qc_{fixed_id}_{moving_id}.png`` (orthogonal slices of fixed,
+            moving, warped moving, differences, deformed grid, Jacobian determinant), from the
+            batch's ``image`` (channel 0 moving, 1 fixed).
     """
 
-    def __init__(self, output_dir: str, pred_key: str = "pred", log_every: int = 1) -> None:
+    def __init__(self, output_dir: str, pred_key: str = "pred", log_every: int = 1, save_qc: bool = False) -> None:
         self.output_dir = ensure_writable_dir(output_dir)
         self.pred_key = pred_key
+        self.save_qc = bool(save_qc)
         self.log_every = max(1, int(log_every))
         self.logger = logging.getLogger("eoir.inference")
         self.written: list[Path] = []
@@ -60,6 +65,11 @@ class DispWriter:
             path = self.output_dir / disp_name(fixed_path, moving_path)
             atomic_save_nifti(disp, nib.load(fixed_path).affine, path, dtype=np.float32)
             self.written.append(path)
+            if self.save_qc:
+                image = convert_to_numpy(item["image"])
+                qc_path = path.with_name(path.name.replace("disp_", "qc_", 1).replace(".nii.gz", ".png"))
+                save_qc_png(qc_path, image[1], image[0], ddf, title=f"fixed {fixed_path}\nmoving {moving_path}")
+                self.written.append(qc_path)
         done, total = engine.state.iteration, engine.state.epoch_length or len(self.written)
         if done % self.log_every == 0 or done == total:
             elapsed = time.perf_counter() - self._start

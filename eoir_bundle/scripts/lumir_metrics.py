@@ -245,6 +245,28 @@ def per_label_csv(results: dict[str, dict]) -> str:
     return buf.getvalue()
 
 
+def summarize(results: dict[str, dict]) -> dict:
+    """The contract's document ``{"aggregates": ..., "cases": ...}`` from per-case results
+    (the dicts of :func:`evaluate_pair` plus ``fixed``/``moving`` ids)."""
+    summary = {}
+    for key, r in results.items():
+        s = {"fixed": r["fixed"], "moving": r["moving"]}
+        s.update({m: float(r[m]) for m in METRICS if m in r})
+        if "tre_per_landmark" in r:
+            s["tre_lost_landmarks"] = int(np.isnan(r["tre_per_landmark"]).sum())
+        summary[key] = s
+    return {"aggregates": aggregate(summary), "cases": summary}
+
+
+def write_report(results: dict[str, dict], output, csv_path=None) -> dict:
+    """Write the metrics JSON (and the per-label CSV) atomically; return the JSON document."""
+    doc = summarize(results)
+    atomic_write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n", output)
+    if csv_path:
+        atomic_write_text(per_label_csv(results), csv_path)
+    return doc
+
+
 def run(disp_dir, dataset_dir, configs, output, csv_path=None, verbose=True) -> dict:
     """Evaluate, write ``output`` (and ``csv_path``), return the JSON document."""
     disp_dir, dataset_dir = Path(disp_dir), Path(dataset_dir)
@@ -259,18 +281,7 @@ def run(disp_dir, dataset_dir, configs, output, csv_path=None, verbose=True) -> 
         if verbose:
             vals = ", ".join(f"{m}={r[m]:.4g}" for m in METRICS if m in r)
             print(f"[{i}/{len(cases)}] {key}: {vals} ({time.time() - t0:.1f} s)", file=sys.stderr)
-    summary = {}
-    for key, r in results.items():
-        s = {"fixed": r["fixed"], "moving": r["moving"]}
-        s.update({m: float(r[m]) for m in METRICS if m in r})
-        if "tre_per_landmark" in r:
-            s["tre_lost_landmarks"] = int(np.isnan(r["tre_per_landmark"]).sum())
-        summary[key] = s
-    doc = {"aggregates": aggregate(summary), "cases": summary}
-    atomic_write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n", output)
-    if csv_path:
-        atomic_write_text(per_label_csv(results), csv_path)
-    return doc
+    return write_report(results, output, csv_path)
 
 
 @exit_on_input_error
