@@ -46,17 +46,42 @@ def check_volume(array: np.ndarray, path: str | os.PathLike, what: str = "image"
     return array
 
 
-def load_nifti(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI file as ``(array, affine)`` after checking it exists, parses and is 3D, finite."""
+def read_nifti(path: str | os.PathLike, what: str = "image", dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` of a NIfTI file (``dtype``: convert, as ``get_fdata`` would), with a
+    clear error if it is missing or unreadable; no shape check."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {what} file not found")
     try:
         img = nib.load(str(p))
-        array = np.asanyarray(img.dataobj)
+        array = np.asanyarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
     except Exception as e:  # nibabel raises many types for unreadable files
         raise InputError(f"{p}: cannot read {what} as NIfTI ({e.__class__.__name__}: {e})") from None
-    return check_volume(array, p, what), img.affine
+    return array, img.affine
+
+
+def load_nifti(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI file as ``(array, affine)`` after checking it exists, parses and is 3D, finite."""
+    array, affine = read_nifti(path, what)
+    return check_volume(array, path, what), affine
+
+
+def load_disp(path: str | os.PathLike, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """A displacement file as ``((H, W, D, 3) array, affine)``, checked finite.
+
+    Accepts the LUMIR layout ``(H, W, D, 3)``, the NIfTI vector layout ``(H, W, D, 1, 3)`` and
+    channels-first ``(3, H, W, D)`` (which the official evaluator also accepts).
+    """
+    disp, affine = read_nifti(path, "displacement field", dtype=dtype)
+    if disp.ndim == 5 and disp.shape[3] == 1:
+        disp = disp[:, :, :, 0, :]
+    if disp.ndim == 4 and disp.shape[0] == 3 and disp.shape[-1] != 3:
+        disp = np.moveaxis(disp, 0, -1)
+    if disp.ndim != 4 or disp.shape[-1] != 3:
+        raise InputError(f"{path}: displacement field must be H x W x D x 3, got {tuple(disp.shape)}")
+    if not np.isfinite(disp).all():
+        raise InputError(f"{path}: displacement field has {int((~np.isfinite(disp)).sum())} NaN/Inf values")
+    return disp, affine
 
 
 def ensure_writable_dir(directory: str | os.PathLike) -> Path:

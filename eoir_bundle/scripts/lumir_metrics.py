@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import InputError, exit_on_input_error
 from .file_io import atomic_write_text, load_nifti, subject_id
+from .file_io import load_disp as read_disp
 from .registration_metrics import (  # noqa: F401  (re-exported Python API)
     _as_labels,
     dice_per_label,
@@ -179,17 +180,7 @@ def check_inputs(cases: dict[str, Case], disp_dir: Path, dataset_dir: Path) -> N
 
 def load_disp(path: Path) -> np.ndarray:
     """Disp file as float64 ``(H, W, D, 3)`` (the official reads it with ``get_fdata``)."""
-    try:
-        disp = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float64)
-    except Exception as e:
-        raise InputError(f"{path}: cannot read displacement field ({e.__class__.__name__}: {e})") from None
-    if disp.ndim == 4 and disp.shape[0] == 3 and disp.shape[-1] != 3:
-        disp = np.moveaxis(disp, 0, -1)
-    if disp.ndim != 4 or disp.shape[-1] != 3:
-        raise InputError(f"{path}: displacement field must be H x W x D x 3, got {disp.shape}")
-    if not np.isfinite(disp).all():
-        raise InputError(f"{path}: displacement field has {int((~np.isfinite(disp)).sum())} NaN/Inf values")
-    return disp
+    return read_disp(path, dtype=np.float64)[0]
 
 
 def _load_gt(path: Path, what: str, shape: tuple, labels: bool) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import InputError, exit_on_input_error
 from .file_io import atomic_write, load_nifti
+from .file_io import load_disp as read_disp
 
 __all__ = [
     "jacobian_determinant",
@@ -369,24 +370,8 @@ def to_tensorboard_image(fixed, moving, ddf, axis: int = 2, title: str | None = 
 
 def load_disp(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a LUMIR displacement file (``(H, W, D, 3)`` NIfTI) as ``((3, H, W, D) float32, affine)``."""
-    import nibabel as nib
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: displacement file not found")
-    try:
-        img = nib.load(str(p))
-        arr = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for unreadable files
-        raise InputError(f"{p}: cannot read displacement as NIfTI ({e.__class__.__name__}: {e})") from None
-    if arr.ndim == 5 and arr.shape[3] == 1:  # NIfTI vector intent layout (H, W, D, 1, 3)
-        arr = arr[:, :, :, 0, :]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise InputError(f"{p}: displacement must have shape (H, W, D, 3), got {tuple(arr.shape)}")
-    disp = np.moveaxis(np.asarray(arr, dtype=np.float32), -1, 0)
-    if not np.isfinite(disp).all():
-        raise InputError(f"{p}: displacement contains {int((~np.isfinite(disp)).sum())} NaN/Inf values")
-    return np.ascontiguousarray(disp), img.affine
+    disp, affine = read_disp(path, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(disp, -1, 0)), affine
 
 
 @exit_on_input_error
