@@ -9,7 +9,7 @@ import torch
 from authors_reference import AuthorsEOIR
 
 from scripts.convert_checkpoint import convert_state_dict
-from scripts.network import EOIR
+from scripts.network import EOIR, MultiScaleOutputs
 
 SIZE = (32, 48, 32)
 
@@ -53,13 +53,15 @@ def test_no_grid_buffers_and_parameter_counts():
 
 
 def test_training_outputs_are_the_level_fields():
-    net = EOIR(start_channel=8, return_pyramid=True)
+    net = MultiScaleOutputs(EOIR(start_channel=8))
     moving, fixed = _pair()
     out = net(torch.cat([moving, fixed], 1))
     assert [tuple(v.shape[2:]) for v in out["velocities"]] == [tuple(s // 2**l for s in SIZE) for l in range(5)]
     assert out["ddf"] is out["displacements"][0]
     out["ddf"].sum().backward()
-    assert net.estimators[4].flow.conv.weight.grad.abs().sum() > 0
+    assert net.net.estimators[4].flow.conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # eval mode: the plain field, identical to the network's
+        assert torch.equal(net.eval()(torch.cat([moving, fixed], 1)), net.net(torch.cat([moving, fixed], 1)))
 
 
 def test_odd_sizes_are_padded_and_cropped():

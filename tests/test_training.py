@@ -15,7 +15,7 @@ from helpers import BUNDLE, run_workflow
 from scripts.checkpoint import load_weights
 from scripts.data import training_images
 from scripts.make_synthetic_lumir import make_dataset
-from scripts.network import EOIR
+from scripts.network import EOIR, MultiScaleOutputs
 from scripts.pair_dataset import RandomPairDataset
 from scripts.training import PairLoss, latest_checkpoint
 
@@ -40,10 +40,10 @@ def _mean_loss(weights, data, pairs):
     """Mean multi-scale loss of fixed (moving, fixed) pairs with the given weights."""
     import nibabel as nib
 
-    net = EOIR(start_channel=8, return_pyramid=True)
+    base = EOIR(start_channel=8)
     if weights is not None:
-        load_weights(net, weights)
-    net.train()
+        load_weights(base, weights)
+    net = MultiScaleOutputs(base).train()
     loss = PairLoss()
     images = training_images(data / "LUMIR_dataset.json", data)
     vals = []

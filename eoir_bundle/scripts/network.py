@@ -19,13 +19,14 @@ Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, DVF2DDF, Warp
 from torch import nn
 
-__all__ = ["EOIR", "FlowEstimator", "NUM_LEVELS", "INTEGRATION_STEPS"]
+__all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "NUM_LEVELS", "INTEGRATION_STEPS"]
 
 NUM_LEVELS = 5
 INTEGRATION_STEPS = 7
@@ -77,14 +78,9 @@ class EOIR(nn.Module):
     Args:
         start_channel: ``N``, the encoder width (32 in the LUMIR submission, 16 in the
             authors' training script).
-        return_pyramid: in training mode (``net.train()``), also return the per-level
-            velocities and composed displacements (what the multi-scale training loss
-            needs): ``forward`` then returns a dict
-            ``{"ddf": u_0, "velocities": [v_0..v_4], "displacements": [u_0..u_4]}``, level 0
-            first, each field in voxel units of its own level. The sizes must then be
-            multiples of 16. In eval mode ``forward`` always returns the full-resolution
-            ``ddf``, so one network serves a trainer and its validation evaluator.
 
+``forward`` returns the full-resolution ``ddf`` (TorchScript-able); :meth:`pyramid` returns
+every level (what the multi-scale training loss needs; see :class:`MultiScaleOutputs`).
     Sizes that are not multiples of 16 are zero-padded symmetrically and the field is
     cropped back (padding does not change voxel-unit displacements).
 
@@ -99,13 +95,12 @@ class EOIR(nn.Module):
         >>> warped = Warp(padding_mode="zeros")(moving, ddf)
     """
 
-    def __init__(self, start_channel: int = 32, return_pyramid: bool = False) -> None:
+    def __init__(self, start_channel: int = 32) -> None:
         super().__init__()
         n = int(start_channel)
         if n < 1:
             raise ValueError(f"start_channel must be a positive integer, got {start_channel}")
         self.start_channel = n
-        self.return_pyramid = return_pyramid
         self.encoder = nn.Sequential(_encoder_block(1, n), _encoder_block(n, 2 * n), _encoder_block(2 * n, n))
         self.estimators = nn.ModuleList([FlowEstimator(n) for _ in range(NUM_LEVELS)])
         for est in self.estimators:  # start near the identity: tiny flow weights, zero bias
@@ -136,12 +131,12 @@ class EOIR(nn.Module):
             feats.append(self.downsample(feats[-1]))
         velocities: list[torch.Tensor] = []
         displacements: list[torch.Tensor] = []
-        up = None
-        for level in reversed(range(NUM_LEVELS)):
+        up: Optional[torch.Tensor] = None
+        for level, estimator in zip(range(NUM_LEVELS - 1, -1, -1), self.estimators[::-1]):
             x, y = feats[level][:b], feats[level][b:]
             if up is not None:
                 x = self.warp(x, up)
-            v = self.estimators[level](x, y)
+            v = estimator(x, y)
             u = self.integrate(v)
             if up is not None:
                 u = u + self.warp(up, u)
@@ -151,21 +146,35 @@ class EOIR(nn.Module):
                 up = self.upsample_field(u)
         return {"velocities": velocities, "displacements": displacements}
 
-    def forward(self, x: torch.Tensor):
-        if x.ndim != 5 or x.shape[1] != 2:
-            raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
-        shape = x.shape[2:]
-        pads = [(-s) % _DIVISOR for s in shape]
-        if self.return_pyramid and self.training:
-            if any(pads):
-                raise ValueError(f"return_pyramid needs sizes that are multiples of {_DIVISOR}, got {tuple(shape)}")
-            out = self.pyramid(x[:, :1], x[:, 1:])
-            return {"ddf": out["displacements"][0], **out}
-        if any(pads):
-            # F.pad takes (last-axis-before, last-axis-after, ...): reverse the axis order
-            pad_arg = [p for s in reversed(pads) for p in (s // 2, s - s // 2)]
-            x = F.pad(x, pad_arg)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != 2:
+            raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
+        d0, d1, d2 = x.shape[2], x.shape[3], x.shape[4]
+        p0, p1, p2 = (-d0) % _DIVISOR, (-d1) % _DIVISOR, (-d2) % _DIVISOR
+        padded = p0 + p1 + p2 > 0
+        if padded:  # F.pad lists the last axis first
+            x = F.pad(x, [p2 // 2, p2 - p2 // 2, p1 // 2, p1 - p1 // 2, p0 // 2, p0 - p0 // 2])
         ddf = self.pyramid(x[:, :1], x[:, 1:])["displacements"][0]
-        if any(pads):
-            ddf = ddf[(...,) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))]
+        if padded:
+            ddf = ddf[:, :, p0 // 2 : p0 // 2 + d0, p1 // 2 : p1 // 2 + d1, p2 // 2 : p2 // 2 + d2]
         return ddf
+
+class MultiScaleOutputs(nn.Module):
+    """Training view of an :class:`EOIR`: in training mode ``forward`` returns every level,
+    ``{"ddf": u_0, "velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first,
+    each field in voxel units of its own level; sizes must be multiples of 16); in eval mode
+    it returns the ``ddf`` like the network itself, so one module serves a trainer and its
+    validation evaluator. It holds no parameters of its own: checkpoint ``net``.
+    """
+
+    def __init__(self, net: EOIR) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        if not self.training:
+            return self.net(x)
+        if x.ndim != 5 or x.shape[1] != 2 or any(s % _DIVISOR for s in x.shape[2:]):
+            raise ValueError(f"training needs (B, 2, D0, D1, D2) with sizes multiple of {_DIVISOR}, got {tuple(x.shape)}")
+        out = self.net.pyramid(x[:, :1], x[:, 1:])
+        return {"ddf": out["displacements"][0], "velocities": out["velocities"], "displacements": out["displacements"]}

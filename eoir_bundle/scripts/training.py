@@ -2,7 +2,7 @@
 batch preparation, per-term logging with ETA, and finding the checkpoint to resume from.
 
 The trainer's batch ``image`` is ``cat([moving, fixed], 1)``; there is no label: the
-"label" handed to the loss is the same image pair, and the network (``return_pyramid=True``,
+"label" handed to the loss is the same image pair, and the network (:class:`scripts.network.MultiScaleOutputs`,
 training mode) returns ``{"ddf", "velocities", "displacements"}``.
 """
 
