@@ -119,3 +119,24 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_lumir, tmp_path):
     assert re.search(r"epoch 1/1 iter 2/2", res.stdout + res.stderr)
     assert (out / "checkpoint_epoch=1.pt").is_file() and (out / "model.pt").is_file()
     assert not any(p.name.startswith("rank") for p in out.iterdir())
+
+
+def test_gradient_clipping_handler_bounds_the_gradient_norm():
+    from monai.engines import SupervisedTrainer
+
+    from scripts.training import GradientClipping
+
+    net = torch.nn.Linear(4, 1)
+    norms = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, network=net,
+        train_data_loader=[{"image": torch.randn(8, 4) * 100, "label": torch.zeros(8, 1)}],
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0), loss_function=torch.nn.MSELoss(), decollate=False,
+    )
+    GradientClipping(max_norm=0.5).attach(trainer)
+    from monai.engines.utils import IterationEvents
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
+                              lambda e: norms.append(float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())))
+    trainer.run()
+    assert norms and norms[0] == pytest.approx(0.5, rel=1e-4)  # the raw norm is in the thousands

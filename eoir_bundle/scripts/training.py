@@ -141,3 +141,25 @@ class TensorBoardSnapshot:
             return
         fixed, moving, ddf = self._first
         self.writer.add_image("val/snapshot", to_tensorboard_image(fixed, moving, ddf), engine.state.epoch, dataformats="CHW")
+
+
+class GradientClipping:
+    """Clip the gradient norm after ``backward`` and before the optimizer step (MONAI's
+    ``IterationEvents.BACKWARD_COMPLETED``); with AMP the gradients are unscaled first.
+
+    Args:
+        max_norm: largest allowed total L2 norm of the network's gradients.
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
