@@ -1,0 +1,313 @@
+"""CPU inference benchmark: seconds and peak memory per registered pair, per inference path.
+
+    python -m scripts.benchmark --start_channel 32 --shape 160,224,192 --threads 2 \\
+        [--paths reference,lean] [--repeats 1] [--warmup 0] [--ckpt models/model.pt] \\
+        [--input brain|random] [--seed 0] [--omp_wait_policy passive|active|inherit]
+
+Paths:
+    ``reference``: the straightforward ``EOIR.forward`` under ``torch.no_grad()``;
+    ``lean``: :func:`scripts.lean_inference.lean_forward` (same weights, same field).
+
+Each path runs in its own child process (``python -m scripts.benchmark --worker PATH ...``)
+with ``torch.set_num_threads(threads)`` (and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and
+``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp_wait_policy`` says otherwise: on a machine shared
+with other jobs, libgomp's spinning threads make every parallel region wait for a time
+slice, which distorts timings 2-20x), on the same input and the same weights: ``--ckpt`` (a
+state dict for ``EOIR``) or a deterministic ``torch.manual_seed(seed)`` initialisation whose
+flow convolutions are scaled up so the fields are several voxels large (the default
+initialisation gives near-zero fields, which would make the field comparison
+meaningless). Input: ``brain`` (default) = two synthetic subjects made from the MNI152
+template by :mod:`scripts.make_synthetic_lumir` (uint8 / 255, zero background, like LUMIR),
+``random`` = two smooth random volumes (no background); both fixed by ``--seed``.
+
+Measured per path: seconds per pair (wall clock, the minimum over ``--repeats`` timed runs,
+after ``--warmup`` untimed runs; start-up, imports, weight and input loading excluded), CPU
+seconds of the same run, and the child's peak resident memory (``VmHWM``, else
+``ru_maxrss``). The peak includes the interpreter, torch and MONAI, the weights and the
+input (about 0.5 GB), also reported alone as ``baseline_rss_gb``. The fields are saved by
+the workers and compared: ``max_abs_diff_voxels`` is the largest difference of any path
+from ``reference``.
+
+Output: a readable table, then, as the last line, JSON::
+
+    {"shape": [...], "start_channel": 32, "threads": 2,
+     "paths": {"reference": {"seconds": s, "peak_rss_gb": g, ...}, "lean": {...}},
+     "ratio": {"time": lean/ref, "memory": lean/ref}, "max_abs_diff_voxels": d, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PATHS = ("reference", "lean")
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+FLOW_WEIGHT_STD = 0.05  # flow-conv init for benchmark weights: fields of a few voxels
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--shape needs three positive sizes like 160,224,192, got {text!r}")
+    return tuple(parts)
+
+
+# =========================================================================================
+# Input
+# =========================================================================================
+
+
+def _smooth_random(shape: Sequence[int], seed: int) -> np.ndarray:
+    """Two smooth random volumes in [0, 1] (trilinear upsampling of coarse noise)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(2, 1, *[max(2, s // 8) for s in shape], generator=g)
+    vols = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
+    vols = vols + 0.05 * torch.rand(2, 1, *shape, generator=g)
+    return vols.clamp_(0, 1)[:, 0].numpy().astype(np.float32)
+
+
+def _brain_pair(shape: Sequence[int], seed: int) -> np.ndarray:
+    """Two synthetic LUMIR-like subjects (uint8 / 255) from :mod:`scripts.make_synthetic_lumir`."""
+    from .make_synthetic_lumir import random_subject, template_volumes
+
+    t1, _, _ = template_volumes(tuple(shape))
+    vols = [random_subject(t1, None, None, rng=seed * 2 + k)[0] for k in range(2)]
+    return np.stack(vols).astype(np.float32) / 255.0
+
+
+def make_input(shape: Sequence[int], kind: str, seed: int) -> tuple[np.ndarray, str]:
+    """``(2, D0, D1, D2)`` float32 = (moving, fixed), and the input kind actually used."""
+    if kind == "brain":
+        try:
+            return _brain_pair(shape, seed), "brain"
+        except ImportError as exc:  # nilearn missing: fall back, and say so
+            print(f"note: brain-like input unavailable ({exc}); using smooth random volumes", file=sys.stderr)
+    return _smooth_random(shape, seed), "random"
+
+
+# =========================================================================================
+# Worker (one path, its own process)
+# =========================================================================================
+
+
+def _max_rss_gb() -> float:
+    """Peak resident set size of this process in GB.
+
+    ``VmHWM`` where /proc has it: ``ru_maxrss`` survives ``exec``, so a worker would report
+    its parent's size at the time of the fork if that were larger.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def build_network(start_channel: int, ckpt: str | None, seed: int):
+    import torch
+
+    from .network import EOIR
+
+    torch.manual_seed(seed)
+    net = EOIR(start_channel=start_channel)
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    else:
+        with torch.no_grad():
+            for est in net.estimators:
+                est.flow.conv.weight.normal_(0.0, FLOW_WEIGHT_STD)
+    return net.eval()
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from .lean_inference import lean_forward
+
+    net = build_network(args.start_channel, args.ckpt, args.seed)
+    x = torch.from_numpy(np.load(args.input_file))[None]  # (1, 2, D0, D1, D2)
+    if args.worker == "reference":
+
+        def run():
+            with torch.no_grad():
+                return net(x)
+
+    else:
+
+        def run():
+            return lean_forward(net, x)
+
+    baseline = _max_rss_gb()
+    for _ in range(args.warmup):
+        ddf = run()
+        del ddf
+    seconds, cpu = [], []
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        ddf = run()
+        seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if len(seconds) < args.repeats:
+            del ddf
+    np.save(args.field_file, ddf.detach().numpy())
+    best = int(np.argmin(seconds))
+    result = {
+        "seconds": seconds[best],
+        "cpu_seconds": cpu[best],
+        "seconds_all": seconds,
+        "peak_rss_gb": _max_rss_gb(),
+        "baseline_rss_gb": baseline,
+        "warmup_runs": args.warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    Path(args.result_file).write_text(json.dumps(result))
+    return result
+
+
+# =========================================================================================
+# Parent
+# =========================================================================================
+
+
+def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path) -> dict:
+    field_file, result_file = tmp / f"field_{path}.npy", tmp / f"result_{path}.json"
+    cmd = [
+        sys.executable, "-m", "scripts.benchmark", "--worker", path,
+        "--input_file", str(input_file), "--field_file", str(field_file), "--result_file", str(result_file),
+        "--start_channel", str(args.start_channel), "--threads", str(args.threads),
+        "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed),
+    ]
+    if args.ckpt:
+        cmd += ["--ckpt", str(Path(args.ckpt).resolve())]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result_file.exists():
+        raise RuntimeError(f"benchmark worker '{path}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(result_file.read_text())
+    result["field_file"] = str(field_file)
+    return result
+
+
+def _table(report: dict) -> str:
+    head = f"{'path':<10} {'s/pair':>8} {'cpu s':>8} {'peak RSS GB':>12} {'baseline GB':>12} {'above base GB':>14}"
+    lines = [head, "-" * len(head)]
+    for name, r in report["paths"].items():
+        lines.append(
+            f"{name:<10} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} {r['peak_rss_gb']:>12.2f} "
+            f"{r['baseline_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['baseline_rss_gb']:>14.2f}"
+        )
+    if report.get("ratio"):
+        lines.append(f"lean / reference: time {report['ratio']['time']:.3f}, memory {report['ratio']['memory']:.3f}")
+    if report.get("max_abs_diff_voxels") is not None:
+        lines.append(f"max |ddf_lean - ddf_reference| = {report['max_abs_diff_voxels']:.3g} voxel "
+                     f"(max |ddf| = {report['max_abs_field_voxels']:.3g})")
+    return "\n".join(lines)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown or not paths:
+        raise SystemExit(f"--paths takes a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    with tempfile.TemporaryDirectory(prefix="eoir_bench_") as tmp_name:
+        tmp = Path(tmp_name)
+        vols, kind = make_input(args.shape, args.input, args.seed)
+        input_file = tmp / "input.npy"
+        np.save(input_file, vols)
+        del vols
+        results = {}
+        for path in paths:
+            print(f"running {path} ...", file=sys.stderr, flush=True)
+            results[path] = _run_child(path, args, tmp, input_file)
+        report = {
+            "shape": list(args.shape),
+            "start_channel": args.start_channel,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "warmup_runs": args.warmup,
+            "input": kind,
+            "omp_wait_policy": args.omp_wait_policy,
+            "weights": args.ckpt or f"torch.manual_seed({args.seed}) init, flow conv std {FLOW_WEIGHT_STD}",
+            "paths": {},
+            "ratio": None,
+            "max_abs_diff_voxels": None,
+        }
+        for path, r in results.items():
+            report["paths"][path] = {
+                k: r[k] for k in ("seconds", "peak_rss_gb", "cpu_seconds", "baseline_rss_gb", "seconds_all", "torch")
+            }
+        if "reference" in results:
+            ref = np.load(results["reference"]["field_file"])
+            report["max_abs_field_voxels"] = float(np.abs(ref).max())
+            diffs = [float(np.abs(np.load(r["field_file"]) - ref).max()) for p, r in results.items() if p != "reference"]
+            if diffs:
+                report["max_abs_diff_voxels"] = max(diffs)
+            if "lean" in results:
+                ref_r, lean_r = results["reference"], results["lean"]
+                report["ratio"] = {
+                    "time": lean_r["seconds"] / ref_r["seconds"],
+                    "memory": lean_r["peak_rss_gb"] / ref_r["peak_rss_gb"],
+                }
+    print(_table(report))
+    print(json.dumps(report))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--start_channel", type=int, default=32)
+    parser.add_argument("--shape", type=parse_shape, default=(160, 224, 192))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", default="reference,lean")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path (the minimum is reported)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed runs before the timed ones (reported)")
+    parser.add_argument("--ckpt", default=None, help="EOIR state dict (default: seeded random weights)")
+    parser.add_argument("--input", choices=("brain", "random"), default="brain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--omp_wait_policy", choices=("passive", "active", "inherit"), default="passive",
+        help="OMP_WAIT_POLICY for both workers (default passive: on a machine shared with other "
+        "jobs, libgomp's spinning threads make every parallel region wait for a time slice; "
+        "'inherit' leaves the environment as it is)",
+    )
+    # worker-only arguments
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--input_file", help=argparse.SUPPRESS)
+    parser.add_argument("--field_file", help=argparse.SUPPRESS)
+    parser.add_argument("--result_file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.start_channel < 1:
+        parser.error("--threads, --repeats and --start_channel must be >= 1, --warmup >= 0")
+    if args.worker:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*grid_sample.*")  # MONAI Warp's notice
+        return run_worker(args)
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,901 @@
+"""Memory-lean, fast CPU inference for :class:`scripts.network.EOIR`.
+
+``lean_forward(net, x)`` returns what ``net.eval()(x)`` returns (the full-resolution ``ddf``,
+same conventions, same parameters; the only weight copies are kB-sized re-layouts) without
+ever holding a full-resolution map wider than the ``N``-channel encoder features. At
+160 x 224 x 192 with ``start_channel=32`` the straightforward ``EOIR.forward`` peaks at
+9-13 GB; this path needs 1.6-2 GB on top of the interpreter (the moving features alone are
+0.88 GB), and on skull-stripped brains skips about half of the encoder's work.
+
+Conventions
+    Volumes are ``(1, C, D0, D1, D2)``; "rows" are slices along axis 0 (``D0``). Feature maps
+    are kept in ``torch.channels_last_3d`` (channels innermost, NDHWC in memory): oneDNN's
+    3D convolutions are fastest in that layout, a run of rows is one contiguous block, and
+    ``grid_sample`` reads all channels of a voxel from one cache line. Displacements stay
+    ``(1, 3, D0, D1, D2)`` contiguous, in voxel units, exactly as in ``EOIR``.
+
+Why each trick is exact (the same arithmetic as ``EOIR.forward`` up to float rounding
+order, ~1e-7 relative; the fields then agree to ~1e-5 voxel, as closely as the reference
+agrees with itself run in another memory format, see the benchmark):
+
+* **Row streaming of 3x3x3 convolutions** (:class:`_RowStream`). A stride-1, padding-1
+  convolution's output row ``r`` depends only on input rows ``r-1..r+1``. Input rows arrive
+  in order; the stream keeps the last two, puts a zero row before row 0 and after the last
+  row (the full convolution's zero padding) and convolves with padding ``(0, 1, 1)``. Every
+  output row is computed once, from the same values. Chained streams (conv -> pointwise ->
+  conv ...) evaluate a conv stack with a few rows of each intermediate alive.
+* **InstanceNorm from moments** (:class:`_Moments`). ``InstanceNorm3d`` (no affine, biased
+  variance, eps 1e-5) needs each channel's mean and variance over the whole volume, so a
+  block is normalised only after a full pass over its raw output. Moments are summed per
+  row chunk around a per-channel shift (the first chunk's mean: no cancellation) in float64,
+  as accurate as PyTorch's double-accumulated statistics. ``PReLU`` with one shared slope is
+  ``leaky_relu`` with that slope.
+* **Encoder without the 2N-channel map** (:func:`encode`). Block 2's output (2N channels)
+  must be normalised before block 3 can use it, and storing it costs 2N x volume. Exact
+  ways round it: ``split=G`` makes block 2's output channels in ``G`` groups, each stored,
+  normalised with its own moments (InstanceNorm is per channel) and pushed through the
+  matching input channels of block 3, whose partial outputs are summed (a convolution is
+  linear in its input channels); ``split=0`` runs blocks 1-2 twice (first for block 2's
+  moments, then again feeding block 3). :func:`lean_forward` picks, per image, the fastest
+  that fits its memory rule. Block 1 (one input channel) is an im2col matrix product.
+* **Background skipping** (:func:`_row_boxes`). With an exactly-zero background (skull-
+  stripped LUMIR images), the encoder's response at a voxel farther than its reach (3
+  voxels) from every nonzero voxel, and away from the axis-0 faces, does not depend on the
+  row: it is a per-layer *background plane*, computed once by convolving three copies of
+  the previous layer's plane (the zero padding makes its border differ). Each chunk of rows
+  is convolved only inside the bounding box of the nonzero voxels within reach; the rest is
+  the plane, counted in the moments from the plane's sums. The fixed features are stored
+  the same way (:class:`_Map`, ragged: each row's box plus the plane). Images without an
+  exactly-zero background simply have every row ``FULL``.
+* **Slab-wise warping**. ``warp(img, ddf)(p)`` only reads ``ddf(p)``, so rows of the result
+  need only those rows of the field (``img`` is whole). The sampling grid is computed with
+  the same float operations as MONAI's ``Warp``, so ``grid_sample`` gets bit-identical
+  coordinates. Each call is split in two along axis 1 and run as a batch of two (``img``
+  expanded, not copied): PyTorch's 3D CPU sampler parallelises over the batch only.
+* **Resized maps by rows** (:func:`_resize_rows`). Trilinear resizing with
+  ``align_corners=True`` is separable: rows of the result are the axis-0 interpolation
+  (PyTorch's own source indices and weights) of the axis-1/2 interpolated source rows. The
+  level-0 estimator gets the upsampled coarser field row by row, never whole.
+* **Level 0 last, 3-channel fields last**. The finest estimator streams rows of
+  ``cat(y + warp(x, up), y - warp(x, up))`` through its three convolutions (ReLU fused into
+  oneDNN); integration (scaling and squaring, whose warps read anywhere) and the
+  composition run on 3-channel fields after the features are freed.
+* **No allocator churn**. Chunk temporaries of varying size fragment glibc's heap (0.4 GB
+  kept at full size): per-chunk temporaries live in reused buffers, convolutions write into
+  them (oneDNN's in-place "add" fusion on a zeroed buffer; also avoids ``F.conv3d``'s
+  8x slower fallback kernel for a few rows of 27 channels), box corners are snapped to
+  multiples of 16 (few oneDNN primitives), and ``malloc_trim`` runs between passes.
+
+Threads: the path runs many more (smaller) parallel regions than ``EOIR.forward``. On a
+machine shared with other jobs, libgomp's default spin-waiting then costs a time slice per
+region (measured 2-20x slower, the straightforward path suffers too); set
+``OMP_WAIT_POLICY=PASSIVE`` in the environment there (the benchmark does).
+
+Tried, not kept: ``torch.compile`` (the work is oneDNN convolutions; minutes of compile);
+NCDHW convolutions (10-25 % slower than channels-last here); mmap for every temporary
+(page faults, +60 % time); larger row chunks (no faster, more memory); bf16 (not exact, no
+AVX2 speed-up).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import EOIR, INTEGRATION_STEPS, NUM_LEVELS
+
+__all__ = ["lean_forward", "LeanEOIR", "encode"]
+
+CL = torch.channels_last_3d
+_DIVISOR = 2 ** (NUM_LEVELS - 1)
+FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero background)
+EMPTY = "empty"  # a box: nothing but background
+_SNAP = 16  # box corners are multiples of this
+
+
+# =========================================================================================
+# Building blocks
+# =========================================================================================
+
+
+class _Buffer:
+    """A reusable flat float32 buffer handing out tensors of any shape up to its size."""
+
+    def __init__(self):
+        self.flat = torch.empty(0)
+
+    def _take(self, n: int) -> torch.Tensor:
+        if self.flat.numel() < n:
+            self.flat = None
+            self.flat = torch.empty(n)
+        return self.flat[:n]
+
+    def cl(self, c: int, d: int, h: int, w: int) -> torch.Tensor:
+        """A contiguous channels-last ``(1, c, d, h, w)`` tensor (uninitialised)."""
+        return self._take(c * d * h * w).view(1, d, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def plain(self, *shape: int) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        return self._take(n).view(shape)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Chunk temporaries and oneDNN's per-shape primitives are freed, but glibc keeps freed
+    heap pages resident; between passes this returns them (a few ms).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _cl_empty(c: int, d: int, h: int, w: int) -> torch.Tensor:
+    return torch.empty((1, c, d, h, w), memory_format=CL)
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous channels-last ``(1, C, d, H, W)`` tensor as its ``(d*H*W, C)`` matrix (a view)."""
+    if not t.is_contiguous(memory_format=CL):
+        raise ValueError("expected a contiguous channels-last tensor")
+    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1, 1)
+
+
+def _conv_into(out: torch.Tensor, x: torch.Tensor, weight, bias, padding, relu: bool = False) -> torch.Tensor:
+    """``out = [relu](conv3d(x, weight, bias, padding))`` written into ``out`` (channels-last).
+
+    oneDNN is called directly (its in-place "add" fusion on a zeroed ``out``): no output
+    allocation, and no fallback to PyTorch's slow reference kernel, which ``F.conv3d`` picks
+    for batch 1 and ``C * D0 * D1 <= 20480`` (a few rows of the 27-channel map: 8x slower).
+    """
+    out.zero_()
+    torch.ops.mkldnn._convolution_pointwise_(
+        out, x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "add", 1.0, "relu" if relu else None, [], None
+    )
+    return out
+
+
+def _box_slices(box) -> tuple:
+    return (Ellipsis,) if box == FULL else (Ellipsis, slice(box[0], box[1]), slice(box[2], box[3]))
+
+
+def _fill_background(view: torch.Tensor, plane: torch.Tensor, box) -> None:
+    """Write ``plane (1, C, 1, H, W)`` into every row of ``view`` unless ``box`` is ``FULL``
+    (callers then write the box: one copy is fewer, larger operations than four strips)."""
+    if box != FULL:
+        view.copy_(plane.expand_as(view))
+
+
+def _fill_outside(view: torch.Tensor, plane: torch.Tensor, box) -> None:
+    """Write ``plane (1, C, 1, H, W)`` into the rows ``view`` outside ``box``."""
+    if box == FULL:
+        return
+    if box == EMPTY:
+        view.copy_(plane.expand_as(view))
+        return
+    h0, h1, w0, w1 = box
+    for hs, ws in ((slice(0, h0), slice(None)), (slice(h1, None), slice(None)),
+                   (slice(h0, h1), slice(0, w0)), (slice(h0, h1), slice(w1, None))):
+        part = view[..., hs, ws]
+        if part.numel():
+            part.copy_(plane[..., hs, ws].expand_as(part))
+
+
+class _RowStream:
+    """A 3x3x3, stride-1, zero-padding-1 convolution over a volume whose rows arrive in order.
+
+    ``slot(n)`` returns the channels-last view where the caller writes the next ``n`` input
+    rows; ``conv()`` then returns ``(z, q0, q1, box)``: output rows ``[q0, q1)`` computed
+    inside ``box`` (``z`` has the box's size, lives in a buffer reused by the next call; it
+    is ``None`` for an ``EMPTY`` box), or ``None`` when no new row is computable yet. The
+    buffer holds ``[previous 2 rows | new rows | zero row after the volume]``, and a zero row
+    stands before row 0: every output row is computed once, from the same values as the
+    full convolution.
+
+    ``box_fn(q0, q1)``, if given, tells where output rows ``[q0, q1)`` can differ from the
+    layer's background plane (``FULL``, ``EMPTY`` or ``(h0, h1, w0, w1)``); the convolution
+    then runs inside that box only (its input: the box grown by one voxel, zero outside the
+    volume).
+    """
+
+    def __init__(self, weight, bias, depth: int, hw: Sequence[int], rows: int, box_fn=None, relu: bool = False):
+        self.weight = weight.contiguous(memory_format=CL)
+        self.bias = bias
+        self.depth, self.hw = depth, tuple(hw)
+        self.box_fn, self.relu = box_fn, relu
+        self.max_rows = rows + 2  # the last output chunk of an upstream stream is up to 2 rows longer
+        # untouched rows of torch.empty memory cost no resident memory
+        self.buf = _cl_empty(weight.shape[1], self.max_rows + 3, *hw)
+        self.buf[:, :, 0].zero_()
+        self.row0 = -1  # volume row held by buffer row 0 (the zero row before the volume)
+        self.hi = 1  # buffer rows [0, hi) are valid
+        self.next_row = 0  # next input row the caller writes
+        self.out, self.box_in = _Buffer(), _Buffer()
+
+    def slot(self, n: int) -> torch.Tensor:
+        if not 0 < n <= self.max_rows or self.next_row + n > self.depth or self.hi + n > self.buf.shape[2] - 1:
+            raise ValueError(f"bad row count {n} at row {self.next_row} of {self.depth}")
+        view = self.buf[:, :, self.hi : self.hi + n]
+        self.hi += n
+        self.next_row += n
+        return view
+
+    def _box_input(self, box) -> torch.Tensor:
+        """Rows ``[0, hi)`` of the buffer inside ``box`` grown by one voxel, zero outside the volume."""
+        (h, w), (h0, h1, w0, w1) = self.hw, box
+        a0, a1, b0, b1 = max(h0 - 1, 0), min(h1 + 1, h), max(w0 - 1, 0), min(w1 + 1, w)
+        x = self.box_in.cl(self.buf.shape[1], self.hi, h1 - h0 + 2, w1 - w0 + 2)
+        if (a0, a1, b0, b1) != (h0 - 1, h1 + 1, w0 - 1, w1 + 1):
+            x.zero_()  # the box touches a face: the zero padding
+        x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, : self.hi, a0:a1, b0:b1])
+        return x
+
+    def conv(self):
+        if self.next_row == self.depth and self.row0 + self.hi == self.depth:  # volume end: zero padding row
+            self.buf[:, :, self.hi].zero_()
+            self.hi += 1
+        if self.hi < 3:
+            return None
+        q0, q1 = self.row0 + 1, self.row0 + self.hi - 1
+        box = FULL if self.box_fn is None else self.box_fn(q0, q1)
+        cout = self.weight.shape[0]
+        if box == EMPTY:
+            z = None
+        elif box == FULL:
+            z = self.out.cl(cout, q1 - q0, *self.hw)
+            _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu)
+        else:
+            z = self.out.cl(cout, q1 - q0, box[1] - box[0], box[3] - box[2])
+            _conv_into(z, self._box_input(box), self.weight, self.bias, (0, 0, 0), self.relu)
+        # only the last two rows are needed by the next output row: move them to the front
+        keep = self.buf[:, :, self.hi - 2 : self.hi]
+        self.buf[:, :, :2].copy_(keep if self.hi >= 4 else keep.clone())  # no overlapping copy
+        self.row0 += self.hi - 2
+        self.hi = 2
+        return z, q0, q1, box
+
+
+class _Moments:
+    """Per-channel mean and InstanceNorm scale of a channels-last map seen in row chunks.
+
+    Sums of ``z - shift`` and ``(z - shift)**2`` in float64 (per-chunk float32 sums use
+    PyTorch's cascade summation); ``shift`` is the first chunk's channel mean, so the
+    variance ``E[(z-shift)^2] - E[z-shift]^2`` has no cancellation. Background parts of rows
+    (a known plane outside a box) are counted from the plane's sums.
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = eps
+        self.shift = self.s1 = self.s2 = None
+        self.count = 0
+        self.tmp = _Buffer()
+        self._plane = None
+        self._inside = {}  # box -> the plane's sums inside it
+
+    def _start(self, shift: torch.Tensor) -> None:
+        self.shift = shift
+        self.s1 = torch.zeros(shift.shape[0], dtype=torch.float64)
+        self.s2 = torch.zeros(shift.shape[0], dtype=torch.float64)
+
+    def _sums(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.sub(m, self.shift, out=self.tmp.plain(*m.shape))
+        s1 = t.sum(0).double()
+        return s1, t.square_().sum(0).double()
+
+    def add(self, z: torch.Tensor) -> None:
+        m = _as_matrix(z)
+        if self.shift is None:
+            self._start(m.mean(0))
+        s1, s2 = self._sums(m)
+        self.s1 += s1
+        self.s2 += s2
+        self.count += m.shape[0]
+
+    def add_outside(self, plane: torch.Tensor, box, nrows: int) -> None:
+        """Add ``nrows`` rows equal to ``plane (1, C, 1, H, W)`` outside ``box``."""
+        if box == FULL:
+            return
+        if self.shift is None:
+            self._start(_as_matrix(plane).mean(0))
+        if self._plane is None:
+            self._plane = self._sums(_as_matrix(plane))
+        p1, p2 = self._plane
+        n = plane.shape[3] * plane.shape[4]
+        if box != EMPTY:
+            if box not in self._inside:
+                inner = plane[_box_slices(box)].contiguous(memory_format=CL)
+                self._inside[box] = self._sums(_as_matrix(inner)) + (inner.shape[3] * inner.shape[4],)
+            b1, b2, nb = self._inside[box]
+            p1, p2, n = p1 - b1, p2 - b2, n - nb
+        self.s1 += nrows * p1
+        self.s2 += nrows * p2
+        self.count += nrows * n
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, offset)`` (float32) with ``InstanceNorm(z) = z * scale + offset``."""
+        mu = self.s1 / self.count
+        var = (self.s2 / self.count - mu * mu).clamp_min(0.0)
+        invstd = 1.0 / torch.sqrt(var + self.eps)
+        return invstd.float(), (-(self.shift.double() + mu) * invstd).float()
+
+
+def _norm_prelu_(t: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, slope: float) -> torch.Tensor:
+    """In place: ``PReLU(InstanceNorm(t))`` given the norm as ``scale``/``offset`` (per channel)."""
+    t.mul_(_per_channel(scale)).add_(_per_channel(offset))
+    return F.leaky_relu_(t, slope)
+
+
+def _norm_prelu_into(dst: torch.Tensor, src: torch.Tensor, scale, offset, slope: float) -> None:
+    """``dst = PReLU(InstanceNorm(src))`` (same shape; ``dst`` may be a strided view)."""
+    torch.addcmul(_per_channel(offset), src, _per_channel(scale), out=dst)
+    F.leaky_relu_(dst, slope)
+
+
+def _chunks(depth: int, rows: int):
+    for r in range(0, depth, rows):
+        yield r, min(r + rows, depth)
+
+
+# =========================================================================================
+# Encoder
+# =========================================================================================
+
+
+def _row_boxes(img: torch.Tensor, reach: int = 3) -> list:
+    """Per row of ``img (D0, D1, D2)``: where the encoder's output can differ from background.
+
+    With a zero background, encoder block ``L`` (``L = 1, 2, 3``) gives, at a row ``r`` with
+    ``reach <= r < D0 - reach`` and a voxel farther than ``L`` from every nonzero input voxel,
+    the value it gives on an all-zero image there: a per-layer background plane (constant
+    but for its ``L - 1`` outer voxels, where the zero padding differs from the background).
+    So a row can differ from the plane only inside the bounding box of the nonzero voxels of
+    rows ``r - 3 .. r + 3``, grown by 3 along axes 1 and 2 (and snapped outwards to multiples
+    of 16, so that few distinct shapes reach oneDNN). Rows near the axis-0 faces are ``FULL``;
+    rows with no nonzero voxel within reach are ``EMPTY``.
+    """
+    depth, h, w = img.shape
+    nz = img != 0
+    any_h, any_w = nz.any(2), nz.any(1)
+    boxes = []
+    for r in range(depth):
+        if r < reach or r >= depth - reach:
+            boxes.append(FULL)
+            continue
+        hh = any_h[r - reach : r + reach + 1].any(0).nonzero()
+        if len(hh) == 0:
+            boxes.append(EMPTY)
+            continue
+        ww = any_w[r - reach : r + reach + 1].any(0).nonzero()
+        h0, w0 = (max(int(t[0]) - reach, 0) // _SNAP * _SNAP for t in (hh, ww))
+        h1, w1 = (-(-(int(t[-1]) + 1 + reach) // _SNAP) * _SNAP for t in (hh, ww))
+        box = (h0, min(h1, h), w0, min(w1, w))
+        boxes.append(FULL if (box[1] - box[0]) * (box[3] - box[2]) > 0.85 * h * w else box)
+    return boxes
+
+
+def _union(boxes: list, q0: int, q1: int):
+    sel = [b for b in boxes[q0:q1] if b != EMPTY]
+    if not sel:
+        return EMPTY
+    if FULL in sel:
+        return FULL
+    return (min(b[0] for b in sel), max(b[1] for b in sel), min(b[2] for b in sel), max(b[3] for b in sel))
+
+
+def _box_area(box, hw) -> int:
+    if box == EMPTY:
+        return 0
+    if box == FULL:
+        return hw[0] * hw[1]
+    return (box[1] - box[0]) * (box[3] - box[2])
+
+
+class _Map:
+    """A channels-last map ``(1, C, D0, H, W)`` whose row ``r`` equals ``plane`` outside ``boxes[r]``.
+
+    Dense (``ragged=False``): one tensor, ``plane`` written outside the boxes by
+    :meth:`set_plane`. Ragged: only each row's box is stored (one flat buffer), the plane
+    once; on brain MRI that is about half the memory. ``write`` takes rows computed inside a
+    box containing the rows' own boxes (true of every stream output, see :func:`_union`).
+    """
+
+    def __init__(self, c: int, depth: int, hw: Sequence[int], boxes: list, ragged: bool):
+        self.c, self.depth, self.hw, self.boxes, self.ragged = c, depth, tuple(hw), boxes, ragged
+        self.plane = None
+        self._scratch = _Buffer()
+        if ragged:
+            self.offsets = [0]
+            for b in boxes:
+                self.offsets.append(self.offsets[-1] + _box_area(b, hw) * c)
+            self.data = torch.empty(self.offsets[-1])
+        else:
+            self.data = _cl_empty(c, depth, *hw)
+
+    def _box(self, r: int):
+        b = self.boxes[r]
+        return (0, self.hw[0], 0, self.hw[1]) if b == FULL else b
+
+    def row(self, r: int) -> torch.Tensor:
+        """Row ``r`` inside its box: a contiguous channels-last ``(1, C, 1, bh, bw)`` view."""
+        if not self.ragged:
+            return self.data[:, :, r : r + 1][_box_slices(self.boxes[r])] if self.boxes[r] != EMPTY else None
+        if self.boxes[r] == EMPTY:
+            return None
+        h0, h1, w0, w1 = self._box(r)
+        return self.data[self.offsets[r] : self.offsets[r + 1]].view(1, 1, h1 - h0, w1 - w0, self.c).permute(0, 4, 1, 2, 3)
+
+    def write(self, q0: int, z: torch.Tensor | None, box, add: bool = False) -> None:
+        """Rows ``q0 ..`` computed inside ``box`` (``z`` has the box's size; ``None``: ``EMPTY``)."""
+        if z is None:
+            return
+        if not self.ragged:
+            dst = self.data[:, :, q0 : q0 + z.shape[2]][_box_slices(box)]
+            dst.add_(z) if add else dst.copy_(z)
+            return
+        b0 = (0, 0) if box == FULL else (box[0], box[2])
+        for i in range(z.shape[2]):
+            dst = self.row(q0 + i)
+            if dst is None:
+                continue
+            h0, h1, w0, w1 = self._box(q0 + i)
+            src = z[:, :, i : i + 1, h0 - b0[0] : h1 - b0[0], w0 - b0[1] : w1 - b0[1]]
+            dst.add_(src) if add else dst.copy_(src)
+
+    def set_plane(self, plane: torch.Tensor) -> None:
+        """The raw background plane ``(1, C, 1, H, W)`` (dense maps: written outside the boxes)."""
+        self.plane = plane
+        if not self.ragged:
+            for r in range(self.depth):
+                _fill_outside(self.data[:, :, r : r + 1], plane, self.boxes[r])
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` as a dense ``(1, C, k, H, W)`` tensor (ragged: a reused buffer)."""
+        if not self.ragged:
+            return self.data[:, :, r0:r1]
+        out = self._scratch.cl(self.c, r1 - r0, *self.hw)
+        if any(b != FULL for b in self.boxes[r0:r1]):
+            out.copy_(self.plane.expand_as(out))
+        for r in range(r0, r1):
+            if self.boxes[r] != EMPTY:
+                out[:, :, r - r0 : r - r0 + 1][_box_slices(self.boxes[r])].copy_(self.row(r))
+        return out
+
+    def moments(self, eps: float) -> _Moments:
+        """InstanceNorm moments of the whole map (a pass over the stored rows)."""
+        mom = _Moments(eps)
+        for r in range(self.depth):
+            row = self.row(r)
+            if row is not None:
+                if not row.is_contiguous(memory_format=CL):
+                    row = self._scratch.cl(*row.shape[1:]).copy_(row)
+                mom.add(row)
+            mom.add_outside(self.plane, self.boxes[r], 1)
+        return mom
+
+    def normalise_(self, scale, offset, slope: float) -> None:
+        """In place: ``PReLU(InstanceNorm(.))`` of the stored values and of the plane."""
+        if self.ragged:
+            m = self.data.view(-1, self.c)
+            m.mul_(scale).add_(offset)
+            F.leaky_relu_(m, slope)
+            self.plane = _norm_prelu_(self.plane.clone(memory_format=CL), scale, offset, slope)
+        else:
+            for r0, r1 in _chunks(self.depth, 8):
+                _norm_prelu_(self.data[:, :, r0:r1], scale, offset, slope)
+            self.plane = None
+
+    def resident(self) -> int:
+        return self.data.numel() * 4
+
+
+class _Encoder:
+    """The encoder's parameters and per-image state for :func:`encode`."""
+
+    def __init__(self, net: EOIR, img: torch.Tensor, rows: int, skip_background: bool):
+        blocks = list(net.encoder)
+        if any(b.adn.A.weight.numel() != 1 for b in blocks):
+            raise ValueError("the lean path expects PReLU with one shared slope")
+        self.w = [b.conv.weight.detach().contiguous(memory_format=CL) for b in blocks]
+        self.b = [b.conv.bias.detach() for b in blocks]
+        self.slope = [float(b.adn.A.weight.detach().reshape(-1)[0]) for b in blocks]
+        self.eps = [float(b.adn.N.eps) for b in blocks]
+        self.n = self.w[0].shape[0]
+        self.w1_mat = self.w[0].reshape(self.n, 27).t().contiguous()  # block 1: (voxels, 27) @ (27, N)
+        self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
+        self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
+        self.boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
+        self.box_fn = lambda q0, q1: _union(self.boxes, q0, q1)
+        self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
+        self.cols, self.z1 = _Buffer(), _Buffer()
+
+    def plane_after(self, layer: int, plane_in: torch.Tensor, channels=slice(None), bias=True) -> torch.Tensor:
+        """Raw output row of block ``layer`` (input ``channels``) on three rows of ``plane_in``."""
+        w = self.w[layer][:, channels].contiguous(memory_format=CL)
+        out = _cl_empty(w.shape[0], 1, *self.hw)
+        return _conv_into(out, plane_in.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL), w,
+                          self.b[layer] if bias else None, (0, 1, 1))
+
+    def conv1(self, r0: int, r1: int, box) -> torch.Tensor:
+        """Block 1's raw convolution of rows ``[r0, r1)`` inside ``box`` (an im2col product).
+
+        The image is zero-padded by one voxel, so padded rows ``r0 .. r1 + 1`` hold the
+        neighbourhoods; its 27 shifted copies (tap order ``kd, kh, kw``, PyTorch's) form the
+        im2col matrix.
+        """
+        h0, h1, w0, w1 = (0, self.hw[0], 0, self.hw[1]) if box == FULL else box
+        d, h, w = r1 - r0, h1 - h0, w1 - w0
+        cols = self.cols.plain(27, d, h, w)
+        for i in range(27):
+            a, b, c = i // 9, (i // 3) % 3, i % 3
+            cols[i].copy_(self.img_pad[r0 + a : r0 + a + d, h0 + b : h0 + b + h, w0 + c : w0 + c + w])
+        out = self.z1.cl(self.n, d, h, w)
+        torch.addmm(self.b[0], cols.view(27, -1).t(), self.w1_mat, out=_as_matrix(out))
+        return out
+
+    def block1_norm(self) -> None:
+        """Block 1's moments (one pass), and the background planes that follow from them."""
+        mom = _Moments(self.eps[0])
+        for r0, r1 in _chunks(self.depth, max(self.rows, 4)):
+            box = self.box_fn(r0, r1)
+            if box != EMPTY:
+                mom.add(self.conv1(r0, r1, box))
+            mom.add_outside(self.z1_plane, box, r1 - r0)
+        self.norm1 = mom.affine()
+        self.a1_plane = _norm_prelu_(self.z1_plane.clone(memory_format=CL), *self.norm1, self.slope[0])
+        self.z2_plane = self.plane_after(1, self.a1_plane)
+        _release_free_memory()
+
+    def block2(self, channels: slice):
+        """Yield ``(z2, q0, q1, box)``: raw output ``channels`` of block 2, row by row."""
+        s2 = _RowStream(self.w[1][channels], self.b[1][channels], self.depth, self.hw, self.rows, self.box_fn)
+        for r0, r1 in _chunks(self.depth, self.rows):
+            slot, box = s2.slot(r1 - r0), self.box_fn(r0, r1)
+            _fill_background(slot, self.a1_plane, box)
+            if box != EMPTY:
+                _norm_prelu_into(slot[_box_slices(box)], self.conv1(r0, r1, box), *self.norm1, self.slope[0])
+            res = s2.conv()
+            if res is not None:
+                yield res
+
+    def feed3(self, s3: _RowStream, z2, nrows: int, box, norm2, a2_plane):
+        """Push ``nrows`` rows of block 2 (raw, inside ``box``) into block 3's stream, activated."""
+        slot = s3.slot(nrows)
+        _fill_background(slot, a2_plane, box)
+        if z2 is not None:
+            _norm_prelu_into(slot[_box_slices(box)], z2, *norm2, self.slope[1])
+        return s3.conv()
+
+    def stored_fraction(self) -> float:
+        return sum(_box_area(b, self.hw) for b in self.boxes) / (self.depth * self.hw[0] * self.hw[1])
+
+
+def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_background: bool = True,
+           ragged: bool = False, _encoder: _Encoder | None = None):
+    """Encoder features of one image ``(D0, D1, D2)``: a channels-last ``(1, N, D0, D1, D2)``
+    tensor, or (``ragged=True``) a :class:`_Map` storing each row's non-background box only.
+
+    ``split=0`` recomputes blocks 1-2 for block 3 (peak: the output plus a few rows);
+    ``split=G`` (a divisor of 2N) stores block 2's raw output in ``G`` groups of 2N/G
+    channels, one group at a time (ragged), no recomputation. ``skip_background``: compute
+    rows only where they can differ from the zero background's response (exact, see
+    :func:`_row_boxes`; nothing is skipped in images without exactly-zero background).
+    """
+    e = _Encoder(net, img, rows, skip_background) if _encoder is None else _encoder
+    depth, hw, n2 = e.depth, e.hw, e.w[1].shape[0]
+    if split and n2 % split:
+        raise ValueError(f"split must divide {n2}, got {split}")
+    e.block1_norm()
+    out = _Map(e.n, depth, hw, e.boxes, ragged)  # block 3's raw output, normalised in place at the end
+    if not split:  # a pass for block 2's moments, a second one feeding block 3
+        mom2 = _Moments(e.eps[1])
+        for z2, q0, q1, box in e.block2(slice(None)):
+            if z2 is not None:
+                mom2.add(z2)
+            mom2.add_outside(e.z2_plane, box, q1 - q0)
+        norm2 = mom2.affine()
+        _release_free_memory()
+        a2_plane = _norm_prelu_(e.z2_plane.clone(memory_format=CL), *norm2, e.slope[1])
+        s3 = _RowStream(e.w[2], e.b[2], depth, hw, rows, e.box_fn)
+        for z2, q0, q1, box in e.block2(slice(None)):
+            res = e.feed3(s3, z2, q1 - q0, box, norm2, a2_plane)
+            if res is not None:
+                out.write(res[1], res[0], res[3])
+        out.set_plane(e.plane_after(2, a2_plane))
+    else:  # block 2 group by group; block 3 = the sum of the groups' partial outputs
+        g = n2 // split
+        buf = _Map(g, depth, hw, e.boxes, ragged=True)
+        z3_plane = None
+        for k in range(split):
+            sl = slice(k * g, (k + 1) * g)
+            mom2 = _Moments(e.eps[1])
+            buf.plane = e.z2_plane[:, sl].clone(memory_format=CL)
+            for z2, q0, q1, box in e.block2(sl):
+                buf.write(q0, z2, box)
+                if z2 is not None:
+                    mom2.add(z2)
+                mom2.add_outside(buf.plane, box, q1 - q0)
+            norm2 = mom2.affine()
+            _release_free_memory()
+            a2_plane = _norm_prelu_(buf.plane.clone(memory_format=CL), *norm2, e.slope[1])
+            part = e.plane_after(2, a2_plane, sl, bias=k == 0)
+            z3_plane = part if z3_plane is None else z3_plane.add_(part)
+            s3 = _RowStream(e.w[2][:, sl], e.b[2] if k == 0 else None, depth, hw, rows, e.box_fn)
+            for r0, r1 in _chunks(depth, rows):
+                box = e.box_fn(r0, r1)
+                z2 = None if box == EMPTY else buf.read(r0, r1)[_box_slices(box)]
+                res = e.feed3(s3, z2, r1 - r0, box, norm2, a2_plane)
+                if res is not None:
+                    out.write(res[1], res[0], res[3], add=k > 0)
+            del s3
+            _release_free_memory()
+        del buf
+        out.set_plane(z3_plane)
+    scale, offset = out.moments(e.eps[2]).affine()
+    out.normalise_(scale, offset, e.slope[2])
+    del e
+    _release_free_memory()
+    return out if ragged else out.data
+
+
+# =========================================================================================
+# Warping and field resampling
+# =========================================================================================
+
+
+def _grid_rows(ddf_rows: torch.Tensor, r0: int, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grid_sample`` grid ``(1, d, H, W, 3)`` for output rows ``r0..`` of a displacement.
+
+    The same float operations as MONAI's ``Warp``: ``(index + ddf) * 2 / (size - 1) - 1``,
+    in ``(x, y, z) = (axis 2, axis 1, axis 0)`` order.
+    """
+    d, h, w = ddf_rows.shape[2:]
+    grid = torch.empty((1, d, h, w, 3)) if out is None else out
+    ranges = (torch.arange(r0, r0 + d), torch.arange(h), torch.arange(w))
+    views = ((1, d, 1, 1), (1, 1, h, 1), (1, 1, 1, w))
+    for i in range(3):
+        g = grid[..., 2 - i]
+        torch.add(ddf_rows[:, i], ranges[i].to(ddf_rows.dtype).view(views[i]), out=g)
+        g.mul_(2).div_(max(shape[i] - 1, 1)).sub_(1)
+    return grid
+
+
+def _sample(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` (trilinear, zeros, align_corners) of ``img (1, C, ...)`` at ``grid (1, d, H, W, 3)``.
+
+    Split in two along axis 1 and run as a batch of two (``img`` expanded, not copied): the
+    3D CPU sampler parallelises over the batch only. Returns ``(1, C, d, H, W)``.
+    """
+    h = grid.shape[2]
+    if h % 2 or torch.get_num_threads() < 2:
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    g2 = grid.view(grid.shape[1], 2, h // 2, *grid.shape[3:]).transpose(0, 1)
+    out = F.grid_sample(img.expand(2, -1, -1, -1, -1), g2, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.permute(1, 2, 0, 3, 4).reshape(1, img.shape[1], grid.shape[1], h, grid.shape[3])
+
+
+def _warp(img: torch.Tensor, ddf: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """MONAI ``Warp(bilinear, zeros)(img, ddf)``, computed in runs of ``rows`` output rows."""
+    shape = ddf.shape[2:]
+    out = torch.empty(img.shape[:2] + shape, dtype=img.dtype)
+    grid = _Buffer()
+    for r0, r1 in _chunks(shape[0], rows):
+        g = grid.plain(1, r1 - r0, shape[1], shape[2], 3)
+        out[:, :, r0:r1] = _sample(img, _grid_rows(ddf[:, :, r0:r1], r0, shape, g))
+    return out
+
+
+def _integrate(v: torch.Tensor) -> torch.Tensor:
+    """``DVF2DDF(7 steps, bilinear, zeros)``: ``u = v / 2**7``, then 7 times ``u = u + warp(u, u)``."""
+    u = v / (2**INTEGRATION_STEPS)
+    for _ in range(INTEGRATION_STEPS):
+        w = _warp(u, u)
+        u = torch.add(u, w, out=w)  # u + warp(u, u), written over the warped copy
+    return u
+
+
+def _resize_rows(src, n_in: int, n_out: int, size_hw: Sequence[int], r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of ``F.interpolate(x, size=(n_out, *size_hw), mode="trilinear", align_corners=True)``.
+
+    ``src(a, b)`` returns rows ``[a, b)`` of ``x``. Axis 0 is interpolated here with PyTorch's
+    source index and weight (``src = r * (n_in - 1) / (n_out - 1)`` in float32, lower index
+    ``floor(src)``, weight ``src - floor``), axes 1 and 2 by ``F.interpolate`` on the needed
+    source rows (identity along axis 0); that is the nesting of PyTorch's trilinear kernel.
+    """
+    scale = torch.tensor((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0, dtype=torch.float32)
+    pos = scale * torch.arange(r0, r1, dtype=torch.float32)
+    lo = pos.floor().long().clamp_max(n_in - 1)
+    lam = (pos - lo.float()).clamp(0, 1)
+    hi = (lo + 1).clamp_max(n_in - 1)
+    a, b = int(lo.min()), int(hi.max()) + 1
+    planes = F.interpolate(src(a, b), size=(b - a, *size_hw), mode="trilinear", align_corners=True)
+    lam = lam.view(1, 1, -1, 1, 1)
+    return (1 - lam) * planes[:, :, lo - a] + lam * planes[:, :, hi - a]
+
+
+def _upsample_rows(u: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of ``EOIR.upsample_field(u) = 2 * trilinear_x2(u, align_corners=True)``."""
+    n = u.shape[2]
+    return 2.0 * _resize_rows(lambda a, b: u[:, :, a:b], n, 2 * n, (2 * u.shape[3], 2 * u.shape[4]), r0, r1)
+
+
+# =========================================================================================
+# Flow estimators
+# =========================================================================================
+
+
+def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2) -> torch.Tensor:
+    """Velocity ``v = est(warp(x, up), y)`` of one level, streamed by rows.
+
+    ``x``: moving features (channels-last); ``y``: fixed features, a tensor or a ragged
+    :class:`_Map`. ``up_rows(r0, r1)`` gives rows
+    of the upsampled coarser field (``None`` at the coarsest level): the warped moving
+    features are made row by row. The three convolutions are chained :class:`_RowStream` s,
+    ReLU fused into the first two. Returns ``v (1, 3, D0, D1, D2)`` contiguous.
+    """
+    n = x.shape[1]
+    depth, hw = x.shape[2], tuple(x.shape[3:])
+    convs = [est.features[0].conv, est.features[1].conv, est.flow.conv]
+    streams = [
+        _RowStream(c.weight.detach(), c.bias.detach(), depth, hw, rows, relu=i < 2) for i, c in enumerate(convs)
+    ]
+    v = torch.empty((1, 3, depth) + hw)
+    grid = _Buffer()
+
+    def feed(i: int, res) -> None:
+        """Hand output rows of stream ``i - 1`` to stream ``i`` (or to ``v``)."""
+        if res is None:
+            return
+        z, q0, q1, _ = res
+        if i == len(streams):
+            v[:, :, q0:q1] = z
+        else:
+            streams[i].slot(q1 - q0).copy_(z)
+            feed(i + 1, streams[i].conv())
+
+    for r0, r1 in _chunks(depth, rows):
+        if up_rows is None:
+            xw = x[:, :, r0:r1]
+        else:
+            g = grid.plain(1, r1 - r0, hw[0], hw[1], 3)
+            xw = _sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g))
+        yr = y.read(r0, r1) if isinstance(y, _Map) else y[:, :, r0:r1]
+        slot = streams[0].slot(r1 - r0)
+        torch.add(yr, xw, out=slot[:, :n])  # cat([y + x, y - x], 1)
+        torch.sub(yr, xw, out=slot[:, n:])
+        del xw, yr, slot
+        feed(1, streams[0].conv())
+    return v
+
+
+# =========================================================================================
+# The whole network
+# =========================================================================================
+
+
+def _downsample_map(y: _Map) -> torch.Tensor:
+    """``EOIR.downsample`` of a ragged map, made by rows (see :func:`_resize_rows`)."""
+    n_out, hw = y.depth // 2, (y.hw[0] // 2, y.hw[1] // 2)
+    out = _cl_empty(y.c, n_out, *hw)
+    for r0, r1 in _chunks(n_out, 8):
+        out[:, :, r0:r1] = _resize_rows(y.read, y.depth, n_out, hw, r0, r1)
+    return out
+
+
+def _choose_split(fraction: float, others: float, out: float, limit: float) -> int:
+    """Block-2 storage for one image (sizes in N-channel full maps): the fewest groups ``G``
+    (1, 2 or 4) whose ragged group buffer (``2 * fraction / G``) keeps ``others + out + buffer``
+    within ``limit``; 0 (recompute) if none does."""
+    for g in (1, 2, 4):
+        if others + out + 2 * fraction / g <= limit + 1e-9:
+            return g
+    return 0
+
+
+def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
+          store_limit: float = 1.75) -> torch.Tensor:
+    """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
+
+    The fixed features are kept ragged (only their non-background boxes), the moving ones
+    dense (``grid_sample`` reads them anywhere). Each image's block-2 storage is the fastest
+    that keeps the encoder's stored maps within ``store_limit`` N-channel full maps.
+    """
+    ey = _Encoder(net, fixed, rows, skip_background)
+    ex = _Encoder(net, moving, rows, skip_background)
+    fy, fx = ey.stored_fraction(), ex.stored_fraction()
+    split_y = _choose_split(fy, 0.0, fy, max(store_limit, 2.0))
+    split_x = _choose_split(fx, fy, 1.0, store_limit)
+    y0 = encode(net, fixed, split=split_y, rows=rows, ragged=True, _encoder=ey)
+    del ey
+    x0 = encode(net, moving, split=split_x, rows=rows, _encoder=ex)
+    del ex
+    xs, ys = [x0], [y0, _downsample_map(y0)]
+    del x0, y0
+    for _ in range(NUM_LEVELS - 1):
+        xs.append(EOIR.downsample(xs[-1]))
+    for _ in range(NUM_LEVELS - 2):
+        ys.append(EOIR.downsample(ys[-1]))
+    u = None
+    for level in reversed(range(NUM_LEVELS)):
+        up_rows = None if u is None else (lambda r0, r1, u=u: _upsample_rows(u, r0, r1))
+        v = _estimate(net.estimators[level], xs[level], ys[level], up_rows, rows)
+        xs[level] = ys[level] = None  # this level's features are no longer needed
+        phi = _integrate(v)
+        del v
+        if u is not None:  # compose with the coarser field: phi + warp(up, phi)
+            w = _warp(EOIR.upsample_field(u), phi)
+            phi = torch.add(phi, w, out=w)
+        u = phi
+        _release_free_memory()
+    return u
+
+
+def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
+                 store_limit: float = 1.75) -> torch.Tensor:
+    """``net.eval()(x)`` computed lean: ``x (B, 2, D0, D1, D2) = cat([moving, fixed], 1)`` -> ``ddf``.
+
+    Args:
+        net: an :class:`EOIR`; its parameters are used as they are (its train/eval mode is
+            ignored: this is always the inference computation).
+        rows: rows per streamed chunk (memory grows with it; 2 is about as fast as larger).
+        skip_background: skip the encoder's work on exactly-zero background (exact).
+        store_limit: how many ``N``-channel full-size maps the encoder may hold at once
+            (the fixed features, the moving features being made, block-2 buffers); more
+            allows less recomputation. Level 0 needs the moving (dense) and fixed (ragged)
+            features anyway.
+
+    Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode.
+    """
+    if x.ndim != 5 or x.shape[1] != 2:
+        raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
+    shape = x.shape[2:]
+    pads = [(-s) % _DIVISOR for s in shape]
+    with torch.inference_mode():
+        if any(pads):
+            pad_arg = [p for s in reversed(pads) for p in (s // 2, s - s // 2)]
+            x = F.pad(x, pad_arg)
+        out = []
+        for b in range(x.shape[0]):
+            xb = x[b].float()
+            ddf = _pair(net, xb[0].contiguous(), xb[1].contiguous(), rows=rows, skip_background=skip_background,
+                        store_limit=store_limit)
+            if any(pads):
+                ddf = ddf[(...,) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))].contiguous()
+            out.append(ddf)
+        return out[0] if len(out) == 1 else torch.cat(out, 0)
+
+
+class LeanEOIR(nn.Module):
+    """An inference-only view of an :class:`EOIR` whose ``forward`` is :func:`lean_forward`.
+
+    Shares the wrapped network's parameters (``state_dict`` keys are prefixed ``net.``);
+    ``forward(x)`` returns the ``ddf`` that ``net.eval()(x)`` returns.
+    """
+
+    def __init__(self, net: EOIR, rows: int = 2, skip_background: bool = True, store_limit: float = 1.75):
+        super().__init__()
+        self.net = net
+        self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
+                            store_limit=self.store_limit)

@@ -1,0 +1,135 @@
+"""The lean CPU inference path gives EOIR's field; the benchmark CLI reports in its format."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.lean_inference import FULL, EMPTY, LeanEOIR, _Encoder, _RowStream, encode, lean_forward
+from scripts.network import EOIR
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Exactness does not depend on threads; one thread keeps these tests fast on a busy machine
+    (the two-thread path of the sampler is covered by ``test_wrapper_shares_weights_and_batches``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _net(n, seed=0):
+    """Non-trivial weights: flow convolutions scaled up so fields move voxels by several voxels."""
+    torch.manual_seed(seed)
+    net = EOIR(start_channel=n).eval()
+    with torch.no_grad():
+        for est in net.estimators:
+            est.flow.conv.weight.normal_(0.0, 0.08)
+            est.flow.conv.bias.uniform_(-0.5, 0.5)
+        for block in net.encoder:
+            block.adn.A.weight.uniform_(0.05, 0.4)
+    return net
+
+
+def _input(shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 2, *shape, generator=g)
+
+
+def _brain(shape=(24, 80, 64), seed=1):
+    """Random texture inside an ellipsoid, exactly zero outside (like skull-stripped MRI)."""
+    x = _input(shape, seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s).float() for s in shape], indexing="ij"))
+    centre, radii = (10.0, 42.0, 30.0), (6.0, 16.0, 14.0)
+    inside = sum(((grid[i] - centre[i]) / radii[i]) ** 2 for i in range(3)) < 1
+    return x * inside
+
+
+@pytest.mark.parametrize(
+    "make, rows, store_limit",
+    [
+        (lambda: _input((32, 48, 32)), 2, 1.75),  # dense: fixed split in 2 groups, moving recomputed
+        (lambda: _input((30, 40, 33)), 1, 1.75),  # odd size: padded and cropped
+        (lambda: _brain(), 2, 1.75),  # zero background: row boxes, empty rows, groups of 1 and 4
+        (lambda: _brain(), 3, 0.5),  # zero background, both images recomputed
+    ],
+)
+def test_same_field_as_reference(make, rows, store_limit):
+    net, x = _net(8), make()
+    with torch.no_grad():
+        ref = net(x)
+    ddf = lean_forward(net, x, rows=rows, store_limit=store_limit)
+    assert ddf.shape == ref.shape == x.shape[:1] + (3,) + x.shape[2:]
+    assert ddf.dtype == torch.float32 and ddf.is_contiguous()
+    assert ref.abs().max() > 2.0, "the test field should move voxels by several voxels"
+    assert (ddf - ref).abs().max().item() < 1e-4
+
+
+def test_background_boxes_are_found():
+    boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes
+    assert boxes[:3] == [FULL] * 3 and boxes[-3:] == [FULL] * 3  # axis-0 faces
+    assert EMPTY in boxes and any(isinstance(b, tuple) for b in boxes)
+
+
+@pytest.mark.parametrize("split", [0, 1, 4])
+def test_encoder_matches_module(split):
+    net = _net(8, seed=2)
+    img = _brain(seed=3)[0, 1]
+    with torch.no_grad():
+        ref = net.encoder(img[None, None])
+    dense = encode(net, img, split=split)
+    assert dense.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (dense - ref).abs().max().item() < 1e-4
+    ragged = encode(net, img, split=split, ragged=True)
+    assert ragged.resident() < dense.numel() * 4 * 0.7  # only the non-background boxes are stored
+    assert (ragged.read(0, img.shape[0]) - ref).abs().max().item() < 1e-4
+
+
+def test_row_stream_is_the_full_convolution():
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 4, 3, 3, 3), torch.randn(5)
+    x = torch.randn(1, 4, 11, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    ref = F.conv3d(x, w, b, padding=1)
+    for rows in (1, 2, 4):
+        stream, out, r = _RowStream(w, b, 11, (6, 7), rows), torch.zeros_like(ref), 0
+        while r < 11:
+            n = min(rows, 11 - r)
+            stream.slot(n).copy_(x[:, :, r : r + n])
+            r += n
+            res = stream.conv()
+            if res is not None:
+                z, q0, q1, box = res
+                assert box == FULL
+                out[:, :, q0:q1] = z
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_wrapper_shares_weights_and_batches():
+    net = _net(4, seed=3)
+    lean = LeanEOIR(net)
+    assert all(a is b for a, b in zip(lean.parameters(), net.parameters()))
+    x = torch.cat([_input((16, 32, 16), seed=s) for s in (4, 5)])
+    with torch.no_grad():
+        ref = net(x)
+    torch.set_num_threads(2)  # the sampler's two-thread split
+    assert (lean(x) - ref).abs().max().item() < 1e-4
+
+
+def test_benchmark_cli_small(bundle_root):
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "--shape", "32,32,32", "--start_channel", "8",
+         "--threads", "1", "--input", "random"],
+        cwd=bundle_root, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["shape"] == [32, 32, 32] and report["start_channel"] == 8 and report["threads"] == 1
+    for path in ("reference", "lean"):
+        assert report["paths"][path]["seconds"] > 0
+        assert report["paths"][path]["peak_rss_gb"] > 0
+    assert set(report["ratio"]) == {"time", "memory"}
+    assert report["max_abs_diff_voxels"] < 1e-4
