@@ -1,5 +1,8 @@
 """Test-time instance optimisation (scripts/instance_optimization.py) and its config ids."""
 
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -156,6 +159,16 @@ def test_bad_io_iterations_from_the_command_line(tmp_path, ckpt, value):
     msg = input_error_of("inference.json", **_infer(ckpt, tmp_path, io_iterations=value))
     assert msg == f"io_iterations must be an integer >= 0, got {value}"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_bad_io_iterations_prints_one_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+         "--io_iterations", "2.5", "--output_dir", str(tmp_path / "out")],
+        cwd=BUNDLE, capture_output=True, text=True,
+    )
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "error: io_iterations must be an integer >= 0, got 2.5" in res.stderr
 
 
 @pytest.mark.parametrize("files, key", [

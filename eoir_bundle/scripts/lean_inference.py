@@ -146,6 +146,31 @@ def _release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def _load_madvise():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE, _MADV_DONTNEED, _PAGE = _load_madvise(), 4, 4096
+
+
+def _release_pages(t: torch.Tensor, start: int, end: int) -> None:
+    """Drop the resident pages of elements ``[start, end)`` of a flat tensor that will never be
+    read again (Linux ``madvise(MADV_DONTNEED)`` on the whole pages inside the range; a no-op
+    elsewhere). The memory stays allocated; reading it would give zeros."""
+    if _MADVISE is None or end <= start:
+        return
+    base = t.data_ptr()
+    a = -(-(base + start * t.element_size()) // _PAGE) * _PAGE
+    b = (base + end * t.element_size()) // _PAGE * _PAGE
+    if b > a:
+        _MADVISE(a, b - a, _MADV_DONTNEED)
+
+
 def _cl_empty(c: int, d: int, h: int, w: int) -> torch.Tensor:
     return torch.empty((1, c, d, h, w), memory_format=CL)
 
@@ -507,6 +532,14 @@ class _Map:
     def resident(self) -> int:
         return self.data.numel() * 4
 
+    def release_before(self, r: int) -> None:
+        """Rows ``< r`` will not be read again: give their memory back (ragged maps)."""
+        if self.ragged:
+            done = getattr(self, "_released", 0)
+            if self.offsets[r] > done:
+                _release_pages(self.data, done, self.offsets[r])
+                self._released = self.offsets[r]
+
 
 class _Encoder:
     """The encoder's parameters and per-image state for :func:`encode`."""
@@ -523,8 +556,8 @@ class _Encoder:
         self.w1_mat = self.w[0].reshape(self.n, 27).t().contiguous()  # block 1: (voxels, 27) @ (27, N)
         self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
         self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
-        self.boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
-        self.box_fn = lambda q0, q1: _union(self.boxes, q0, q1)
+        self.boxes = boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
+        self.box_fn = lambda q0, q1: _union(boxes, q0, q1)  # (no reference to self: no cycle to outlive us)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
         self.cols, self.z1 = _Buffer(), _Buffer()
 
@@ -743,11 +776,11 @@ def _upsample_rows(u: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 # =========================================================================================
 
 
-def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2) -> torch.Tensor:
+def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool = False) -> torch.Tensor:
     """Velocity ``v = est(warp(x, up), y)`` of one level, streamed by rows.
 
     ``x``: moving features (channels-last); ``y``: fixed features, a tensor or a ragged
-    :class:`_Map`. ``up_rows(r0, r1)`` gives rows
+    :class:`_Map` (``consume_y``: its rows are released once read). ``up_rows(r0, r1)`` gives rows
     of the upsampled coarser field (``None`` at the coarsest level): the warped moving
     features are made row by row. The three convolutions are chained :class:`_RowStream` s,
     ReLU fused into the first two. Returns ``v (1, 3, D0, D1, D2)`` contiguous.
@@ -761,16 +794,16 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2) -> torch.Tensor:
     v = torch.empty((1, 3, depth) + hw)
     grid = _Buffer()
 
-    def feed(i: int, res) -> None:
-        """Hand output rows of stream ``i - 1`` to stream ``i`` (or to ``v``)."""
-        if res is None:
-            return
-        z, q0, q1, _ = res
-        if i == len(streams):
-            v[:, :, q0:q1] = z
-        else:
-            streams[i].slot(q1 - q0).copy_(z)
-            feed(i + 1, streams[i].conv())
+    def feed(res) -> None:
+        """Hand the first stream's output rows down the chain, and the last one's to ``v``."""
+        for stream in streams[1:]:
+            if res is None:
+                return
+            z, q0, q1, _ = res
+            stream.slot(q1 - q0).copy_(z)
+            res = stream.conv()
+        if res is not None:
+            v[:, :, res[1] : res[2]] = res[0]
 
     for r0, r1 in _chunks(depth, rows):
         if up_rows is None:
@@ -778,12 +811,17 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2) -> torch.Tensor:
         else:
             g = grid.plain(1, r1 - r0, hw[0], hw[1], 3)
             xw = _sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g))
-        yr = y.read(r0, r1) if isinstance(y, _Map) else y[:, :, r0:r1]
+        if isinstance(y, _Map):
+            yr = y.read(r0, r1)
+            if consume_y:
+                y.release_before(r1)  # read into a buffer: the stored rows are done with
+        else:
+            yr = y[:, :, r0:r1]
         slot = streams[0].slot(r1 - r0)
         torch.add(yr, xw, out=slot[:, :n])  # cat([y + x, y - x], 1)
         torch.sub(yr, xw, out=slot[:, n:])
         del xw, yr, slot
-        feed(1, streams[0].conv())
+        feed(streams[0].conv())
     return v
 
 
@@ -828,16 +866,21 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
     del ey
     x0 = encode(net, moving, split=split_x, rows=rows, _encoder=ex)
     del ex
-    xs, ys = [x0], [y0, _downsample_map(y0)]
+    # the pyramid; level 1 is dropped now and made again when its turn comes (it is 1/8 of
+    # level 0: re-making it costs ~0.5 s, keeping it 2 x N/8 channels all along)
+    xs, ys = [x0, EOIR.downsample(x0)], [y0, _downsample_map(y0)]
     del x0, y0
-    for _ in range(NUM_LEVELS - 1):
-        xs.append(EOIR.downsample(xs[-1]))
     for _ in range(NUM_LEVELS - 2):
+        xs.append(EOIR.downsample(xs[-1]))
         ys.append(EOIR.downsample(ys[-1]))
+    xs[1] = ys[1] = None
+    _release_free_memory()
     u = None
     for level in reversed(range(NUM_LEVELS)):
+        if level == 1:
+            xs[1], ys[1] = EOIR.downsample(xs[0]), _downsample_map(ys[0])
         up_rows = None if u is None else (lambda r0, r1, u=u: _upsample_rows(u, r0, r1))
-        v = _estimate(net.estimators[level], xs[level], ys[level], up_rows, rows)
+        v = _estimate(net.estimators[level], xs[level], ys[level], up_rows, rows, consume_y=level == 0)
         xs[level] = ys[level] = None  # this level's features are no longer needed
         phi = _integrate(v)
         del v
