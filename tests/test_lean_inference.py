@@ -110,13 +110,18 @@ def test_row_stream_is_the_full_convolution():
 
 def test_wrapper_shares_weights_and_batches():
     net = _net(4, seed=3)
-    lean = LeanEOIR(net)
+    lean = LeanEOIR(net).eval()
     assert all(a is b for a, b in zip(lean.parameters(), net.parameters()))
+    assert lean.state_dict().keys() == net.state_dict().keys()  # EOIR checkpoints load into either
+    lean.load_state_dict(net.state_dict())
     x = torch.cat([_input((16, 32, 16), seed=s) for s in (4, 5)])
     with torch.no_grad():
         ref = net(x)
-    torch.set_num_threads(2)  # the sampler's two-thread split
-    assert (lean(x) - ref).abs().max().item() < 1e-4
+        torch.set_num_threads(2)  # the sampler's two-thread split
+        ddf = lean(x)
+    assert (ddf - ref).abs().max().item() < 1e-4
+    assert not ddf.is_inference()  # usable with autograd afterwards (instance optimisation)
+    assert lean.train()(x[:1]).requires_grad  # training: the ordinary forward
 
 
 def test_benchmark_cli_small(bundle_root):

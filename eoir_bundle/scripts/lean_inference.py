@@ -71,10 +71,12 @@ machine shared with other jobs, libgomp's default spin-waiting then costs a time
 region (measured 2-20x slower, the straightforward path suffers too); set
 ``OMP_WAIT_POLICY=PASSIVE`` in the environment there (the benchmark does).
 
-Tried, not kept: ``torch.compile`` (the work is oneDNN convolutions; minutes of compile);
-NCDHW convolutions (10-25 % slower than channels-last here); mmap for every temporary
-(page faults, +60 % time); larger row chunks (no faster, more memory); bf16 (not exact, no
-AVX2 speed-up).
+Measured and not kept: NCDHW convolutions (10-25 % slower than channels-last here); mmap
+for every temporary (no heap growth, but page faults: +60 % time); 4-row chunks (no faster,
+more memory); boxes snapped to 8 voxels (12 % less encoder work, but more oneDNN shapes:
+no faster). Not tried: ``torch.compile`` (the time is in oneDNN convolutions already, and the
+streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
+Winograd (in PyTorch ops its transforms cost about what it saves).
 """
 
 from __future__ import annotations
@@ -256,6 +258,7 @@ class _RowStream:
         self.hi = 1  # buffer rows [0, hi) are valid
         self.next_row = 0  # next input row the caller writes
         self.out, self.box_in = _Buffer(), _Buffer()
+        self.calls = 0
 
     def slot(self, n: int) -> torch.Tensor:
         if not 0 < n <= self.max_rows or self.next_row + n > self.depth or self.hi + n > self.buf.shape[2] - 1:
@@ -292,6 +295,9 @@ class _RowStream:
         else:
             z = self.out.cl(cout, q1 - q0, box[1] - box[0], box[3] - box[2])
             _conv_into(z, self._box_input(box), self.weight, self.bias, (0, 0, 0), self.relu)
+        self.calls += 1
+        if self.calls % 16 == 0:  # oneDNN's per-call allocations: do not let the heap keep them
+            _release_free_memory()
         # only the last two rows are needed by the next output row: move them to the front
         keep = self.buf[:, :, self.hi - 2 : self.hi]
         self.buf[:, :, :2].copy_(keep if self.hi >= 4 else keep.clone())  # no overlapping copy
@@ -834,7 +840,7 @@ def _downsample_map(y: _Map) -> torch.Tensor:
     """``EOIR.downsample`` of a ragged map, made by rows (see :func:`_resize_rows`)."""
     n_out, hw = y.depth // 2, (y.hw[0] // 2, y.hw[1] // 2)
     out = _cl_empty(y.c, n_out, *hw)
-    for r0, r1 in _chunks(n_out, 8):
+    for r0, r1 in _chunks(n_out, 4):
         out[:, :, r0:r1] = _resize_rows(y.read, y.depth, n_out, hw, r0, r1)
     return out
 
@@ -901,12 +907,17 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             ignored: this is always the inference computation).
         rows: rows per streamed chunk (memory grows with it; 2 is about as fast as larger).
         skip_background: skip the encoder's work on exactly-zero background (exact).
-        store_limit: how many ``N``-channel full-size maps the encoder may hold at once
-            (the fixed features, the moving features being made, block-2 buffers); more
-            allows less recomputation. Level 0 needs the moving (dense) and fixed (ragged)
-            features anyway.
+        store_limit: how many ``N``-channel full-size maps the moving image's encoder may
+            hold at once (the fixed features, kept ragged, the moving ones being made, and
+            block-2 buffers); more allows less recomputation. The fixed image, encoded
+            first, may use ``max(store_limit, 2)`` (level 0 holds two maps anyway). At the
+            default 1.75, LUMIR-like brains recompute the moving image's block 2; 2.25 stores
+            it in 4 groups instead, measured no faster (57 s vs 56 s at full size) and
+            0.15 GB bigger.
 
-    Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode.
+    Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode (an
+    ordinary tensor: computed under ``torch.inference_mode()``, returned as a copy usable
+    with autograd, e.g. to start instance optimisation from).
     """
     if x.ndim != 5 or x.shape[1] != 2:
         raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
@@ -924,21 +935,39 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             if any(pads):
                 ddf = ddf[(...,) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))].contiguous()
             out.append(ddf)
-        return out[0] if len(out) == 1 else torch.cat(out, 0)
+        ddf = out[0] if len(out) == 1 else torch.cat(out, 0)
+    return ddf.clone()  # outside inference mode: an ordinary tensor
 
 
 class LeanEOIR(nn.Module):
-    """An inference-only view of an :class:`EOIR` whose ``forward`` is :func:`lean_forward`.
+    """An :class:`EOIR` whose inference runs :func:`lean_forward`: a drop-in for inference.
 
-    Shares the wrapped network's parameters (``state_dict`` keys are prefixed ``net.``);
-    ``forward(x)`` returns the ``ddf`` that ``net.eval()(x)`` returns.
+    Wraps (and shares the parameters of) ``net``, or a new ``EOIR(start_channel)``. Its
+    ``state_dict`` / ``load_state_dict`` are the wrapped network's (the same keys as an
+    ``EOIR``, so a checkpoint loads into either). ``forward(x)`` is the lean path when the
+    module is in eval mode and gradients are off (``torch.no_grad()`` / ``inference_mode``,
+    as MONAI evaluators run); otherwise it is ``net(x)`` (training, or gradients through the
+    network). For TorchScript export use the wrapped ``EOIR``.
+
+    Example (a bundle config)::
+
+        "network": "$scripts.lean_inference.LeanEOIR(@network_def)"
     """
 
-    def __init__(self, net: EOIR, rows: int = 2, skip_background: bool = True, store_limit: float = 1.75):
+    def __init__(self, net: EOIR | None = None, *, start_channel: int = 32, rows: int = 2,
+                 skip_background: bool = True, store_limit: float = 1.75):
         super().__init__()
-        self.net = net
+        self.net = EOIR(start_channel=start_channel) if net is None else net
         self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        if self.training or torch.is_grad_enabled():
+            return self.net(x)
         return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
                             store_limit=self.store_limit)
+
+    def state_dict(self, *args, **kwargs):
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
