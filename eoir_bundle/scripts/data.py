@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 
 from .errors import InputError
+from .geometry import check_affine
 
 
 def resolve(dataset_dir: str | os.PathLike, entry: str) -> str:
@@ -44,48 +45,69 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {role} image not found")
+    if not p.name.endswith((".nii", ".nii.gz")):
+        return ()  # other formats (.mha, .nrrd, ...) are read and checked when loaded
     try:
-        shape = tuple(int(s) for s in nib.load(str(p)).shape)
+        img = nib.load(str(p))
+        shape = tuple(int(s) for s in img.shape)
     except Exception as e:
         raise InputError(f"{p}: cannot read {role} image as NIfTI ({e.__class__.__name__}: {e})") from None
     if len(shape) == 4 and shape[-1] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{p}: {role} image must be a 3D volume, got shape {shape}")
+    check_affine(img.affine, str(p), img.header)  # MONAI's reader would silently replace a singular one
     return shape
 
 
-def check_pair(moving: str, fixed: str) -> dict:
-    """Check that both files exist, are readable 3D NIfTI of the same shape; return the pair item."""
+def check_pair(moving: str, fixed: str, same_grid: bool = True) -> dict:
+    """Check that both files exist and (NIfTI) are 3D, and, with ``same_grid``, of one shape;
+    return the pair item."""
     ms, fs = _header_shape(moving, "moving"), _header_shape(fixed, "fixed")
-    if ms != fs:
+    if same_grid and ms != fs:
         raise InputError(f"{moving} has shape {ms} but {fixed} has shape {fs}: the pair must share one grid")
     return {"moving": str(moving), "fixed": str(fixed), "moving_path": str(moving), "fixed_path": str(fixed)}
 
 
-def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike) -> list[dict]:
-    """Registration pairs of a LUMIR dataset JSON (``test`` first, else ``validation``), checked."""
+def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike, same_grid: bool = True) -> list[dict]:
+    """Registration pairs of a LUMIR dataset JSON (``test`` first, else ``validation``), checked
+    (:func:`check_pair`)."""
     data = read_dataset_json(data_list_file_path)
     for section in ("test", "validation"):
         entries = [e for e in data.get(section) or [] if isinstance(e, dict) and "fixed" in e and "moving" in e]
         if entries:
-            return [check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"])) for e in entries]
+            return [
+                check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"]), same_grid) for e in entries
+            ]
     raise InputError(
         f"{data_list_file_path}: no registration pairs: expected entries with 'fixed' and 'moving' under 'test' or 'validation'"
     )
 
 
 def inference_pairs(
-    data_list_file_path: str = "", dataset_dir: str = ".", moving_image: str = "", fixed_image: str = ""
+    data_list_file_path: str = "",
+    dataset_dir: str = ".",
+    moving_image: str = "",
+    fixed_image: str = "",
+    moving_label: str = "",
 ) -> list[dict]:
-    """The pairs an inference run registers: one pair by path if given, else the dataset JSON's pairs."""
+    """The pairs an inference run registers: one pair by path if given (with the moving image's
+    label map ``moving_label`` if given), else the dataset JSON's pairs. The two images of a pair
+    may lie on different grids (they are resampled onto the network's grid when loaded)."""
     if moving_image or fixed_image:
         if not (moving_image and fixed_image):
             raise InputError("give both moving_image and fixed_image (or neither, to use data_list_file_path)")
-        return [check_pair(moving_image, fixed_image)]
+        pair = check_pair(moving_image, fixed_image, same_grid=False)
+        if moving_label:
+            if not Path(moving_label).is_file():
+                raise InputError(f"{moving_label}: moving label map not found")
+            pair["moving_label"] = str(moving_label)
+        return [pair]
+    if moving_label:
+        raise InputError("moving_label goes with one pair given by moving_image and fixed_image")
     if not data_list_file_path:
         raise InputError("nothing to register: set moving_image and fixed_image, or data_list_file_path")
-    return lumir_pairs(data_list_file_path, dataset_dir)
+    return lumir_pairs(data_list_file_path, dataset_dir, same_grid=False)
 
 
 def _existing(path: str, what: str, source) -> str:

@@ -1,8 +1,16 @@
-"""Ignite handler that writes each predicted field in the LUMIR submission format.
+"""Ignite handler that writes each registration: the LUMIR disp file and, on request, more.
 
-File: ``{output_dir}/disp_{fixed_id}_{moving_id}.nii.gz``; float32 array of shape
-``(H, W, D, 3)`` (channels last), voxel units, array-axis order, with the fixed image's
-affine, such that ``warped_moving(p) = moving(p + disp(p))``. Written atomically.
+Always: ``{output_dir}/disp_{fixed_id}_{moving_id}.nii.gz``; float32 array of shape
+``(*fixed.shape, 3)`` (channels last), in voxel units of the fixed image's array axes, with
+the fixed image's affine: fixed voxel ``p`` lands on world ``A_fixed @ (p + disp(p))``, read
+from the moving image through its own affine (on one shared grid: ``warped(p) = moving(p +
+disp(p))``, the LUMIR convention). A field computed on the network's grid (see
+:class:`scripts.geometry.ToNetworkGridd`) is brought back onto the fixed image's grid first.
+
+On request (same stem after the prefix): ``warped_...`` the moving image (linear, float32),
+``warped_label_...`` its label map (nearest, dtype kept), ``itk_warp_...`` the ITK
+displacement-field transform (LPS mm, vector NIfTI) for ``antsApplyTransforms`` / ITK.
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import numpy as np
 from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
-from .file_io import atomic_save_nifti, ensure_writable_dir, subject_id
+from .file_io import atomic_save_image, atomic_save_itk_displacement, atomic_save_nifti, ensure_writable_dir, read_image, subject_id
+from .geometry import field_to_fixed_grid, itk_displacement, same_grid, warp_to_fixed
 from .qc import save_qc_png
 
 
@@ -34,13 +43,26 @@ class DispWriter:
         log_every: log one progress line (pair, seconds, ETA) every this many pairs.
         save_qc: also write ``qc_{fixed_id}_{moving_id}.png`` (orthogonal slices of fixed,
             moving, warped moving, differences, deformed grid, Jacobian determinant), from the
-            batch's ``image`` (channel 0 moving, 1 fixed).
+            batch's ``image`` (channel 0 moving, 1 fixed) on the network's grid.
+        save_warped: also write the warped moving image on the fixed grid.
+        save_itk_transform: also write the ITK displacement-field transform.
+        Items whose ``moving_label`` is a path also get the warped label map.
     """
 
-    def __init__(self, output_dir: str, pred_key: str = "pred", log_every: int = 1, save_qc: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        pred_key: str = "pred",
+        log_every: int = 1,
+        save_qc: bool = False,
+        save_warped: bool = False,
+        save_itk_transform: bool = False,
+    ) -> None:
         self.output_dir = ensure_writable_dir(output_dir)
         self.pred_key = pred_key
         self.save_qc = bool(save_qc)
+        self.save_warped = bool(save_warped)
+        self.save_itk_transform = bool(save_itk_transform)
         self.log_every = max(1, int(log_every))
         self.logger = logging.getLogger("eoir.inference")
         self.written: list[Path] = []
@@ -61,15 +83,49 @@ class DispWriter:
         for out, item in zip(outputs, batch):
             fixed_path, moving_path = str(item["fixed_path"]), str(item["moving_path"])
             ddf = convert_to_numpy(out[self.pred_key]).astype(np.float32)
-            disp = np.moveaxis(ddf, 0, -1)  # (3, H, W, D) -> (H, W, D, 3)
+            disp, fixed_affine = self._on_fixed_grid(ddf, item, fixed_path)
             path = self.output_dir / disp_name(fixed_path, moving_path)
-            atomic_save_nifti(disp, nib.load(fixed_path).affine, path, dtype=np.float32)
+            atomic_save_nifti(np.moveaxis(disp, 0, -1), fixed_affine, path, dtype=np.float32)  # (H, W, D, 3)
             self.written.append(path)
+            self._write_extras(path, disp, fixed_affine, item, moving_path)
             if self.save_qc:
                 image = convert_to_numpy(item["image"])
                 qc_path = path.with_name(path.name.replace("disp_", "qc_", 1).replace(".nii.gz", ".png"))
                 save_qc_png(qc_path, image[1], image[0], ddf, title=f"fixed {fixed_path}\nmoving {moving_path}")
                 self.written.append(qc_path)
+        self._log_progress(engine, path)
+
+    @staticmethod
+    def _on_fixed_grid(ddf: np.ndarray, item, fixed_path: str) -> tuple[np.ndarray, np.ndarray]:
+        """``((3, *fixed_shape) disp, fixed affine)``: the network's field, brought back from the
+        network grid when the fixed image was resampled onto one (``grid_affine`` in ``item``)."""
+        if fixed_path.endswith((".nii", ".nii.gz")):
+            fixed_affine = nib.load(fixed_path).affine
+        else:
+            fixed_affine = convert_to_numpy(item["fixed_affine"]).astype(np.float64)
+        if "grid_affine" not in item:
+            return ddf, fixed_affine
+        grid_affine = convert_to_numpy(item["grid_affine"]).astype(np.float64)
+        fixed_shape = tuple(int(s) for s in convert_to_numpy(item["fixed_shape"]))
+        if same_grid(grid_affine, ddf.shape[1:], fixed_affine, fixed_shape):
+            return ddf, fixed_affine
+        return field_to_fixed_grid(ddf, grid_affine, fixed_affine, fixed_shape), fixed_affine
+
+    def _write_extras(self, disp_path: Path, disp: np.ndarray, fixed_affine, item, moving_path: str) -> None:
+        stem = disp_path.name[len("disp_"):]
+        if self.save_itk_transform:
+            target = disp_path.with_name("itk_warp_" + stem)
+            self.written.append(atomic_save_itk_displacement(itk_displacement(disp, fixed_affine), fixed_affine, target))
+        jobs = [(moving_path, "warped_", False)] if self.save_warped else []
+        label = item.get("moving_label")
+        if isinstance(label, str) and label:  # a path (inference); evaluation items hold the loaded map
+            jobs.append((label, "warped_label_", True))
+        for source, prefix, nearest in jobs:
+            array, affine = read_image(source, "label map" if nearest else "moving image")
+            warped = warp_to_fixed(array, affine, disp, fixed_affine, nearest=nearest)
+            self.written.append(atomic_save_image(warped, fixed_affine, disp_path.with_name(prefix + stem)))
+
+    def _log_progress(self, engine: Engine, path: Path) -> None:
         done, total = engine.state.iteration, engine.state.epoch_length or len(self.written)
         if done % self.log_every == 0 or done == total:
             elapsed = time.perf_counter() - self._start

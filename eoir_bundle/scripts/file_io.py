@@ -46,6 +46,20 @@ def check_volume(array: np.ndarray, path: str | os.PathLike, what: str = "image"
     return array
 
 
+def check_label_map(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Raise :class:`InputError` unless ``array`` holds integer labels (integer dtype, or
+    floats that are all whole numbers); return it unchanged."""
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return array
+    frac = np.abs(array - np.round(array)) > 1e-3
+    if frac.any():
+        raise InputError(
+            f"{path}: a label map must hold integer labels; {int(frac.sum())} voxels are not whole numbers "
+            f"(dtype {array.dtype}); is it an intensity image?"
+        )
+    return array
+
+
 def read_nifti(path: str | os.PathLike, what: str = "image", dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a NIfTI file (``dtype``: convert, as ``get_fdata`` would), with a
     clear error if it is missing or unreadable; no shape check."""
@@ -64,6 +78,36 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
     """Read a 3D NIfTI file as ``(array, affine)`` after checking it exists, parses and is 3D, finite."""
     array, affine = read_nifti(path, what)
     return check_volume(array, path, what), affine
+
+
+def read_image(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Any 3D image that nibabel or ITK reads (``.nii``, ``.nii.gz``, ``.mha``, ``.nrrd``, ...) as
+    ``(array in its stored dtype, RAS affine)``, through MONAI's ``LoadImage``; checked to exist,
+    parse, be 3D and finite, and have a usable affine."""
+    from monai.transforms import LoadImage
+
+    from .geometry import affine_of, check_affine
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: {what} file not found")
+    try:
+        image = LoadImage(image_only=True, dtype=None)(str(p))
+    except Exception as e:  # readers raise many types for unreadable files
+        raise InputError(f"{p}: cannot read {what} ({e.__class__.__name__}: {e})") from None
+    array = check_volume(np.asarray(image.array), p, what)
+    return array, check_affine(affine_of(image), str(p), image.meta)
+
+
+def atomic_save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a 3D image atomically: NIfTI by nibabel (``.nii``, ``.nii.gz``), anything else by ITK
+    (``.mha``, ``.nrrd``, ...), with the RAS ``affine`` (ITK gets it as LPS)."""
+    if str(path).endswith((".nii", ".nii.gz")):
+        return atomic_save_nifti(array, affine, path)
+    import itk
+
+    image = _itk_image(np.asarray(array), affine)
+    return atomic_write(path, lambda tmp: itk.imwrite(image, tmp), suffix="".join(Path(path).suffixes))
 
 
 def load_disp(path: str | os.PathLike, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +174,34 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     img.header.set_data_dtype(arr.dtype)
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+
+
+def _itk_image(array: np.ndarray, affine: np.ndarray):
+    """An ITK image of an ``(X, Y, Z)`` array (or ``(X, Y, Z, C)`` vectors) on the grid of a RAS affine."""
+    import itk
+
+    affine = np.asarray(affine, dtype=np.float64)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    is_vector = array.ndim == 4
+    image = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3) if is_vector else (2, 1, 0))), is_vector=is_vector)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps / spacing)))
+    return image
+
+
+def atomic_save_itk_displacement(vectors: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an ITK displacement-field transform atomically (vector NIfTI, intent 1007).
+
+    ``vectors``: ``(X, Y, Z, 3)`` displacements in physical LPS mm on the grid of the RAS
+    ``affine`` (the fixed image's); ITK stores the grid in LPS (origin, spacing, direction).
+    """
+    import itk
+
+    image = _itk_image(np.asarray(vectors, dtype=np.float32), affine)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    return atomic_write(path, lambda tmp: itk.imwrite(image, tmp), suffix=suffix)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
