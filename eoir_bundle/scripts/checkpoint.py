@@ -3,6 +3,8 @@ clear message (which file, which keys, what ``start_channel`` it was made for).
 
 A bundle checkpoint is a plain ``state_dict`` of :class:`scripts.network.EOIR`; the training
 workflow's checkpoints (``{"model": state_dict, "optimizer": ..., ...}``) are accepted too.
+:func:`load_torchscript` loads the TorchScript export (``models/model.ts``, made by
+``python -m monai.bundle ckpt_export``) instead, for ``configs/inference_ts.json``.
 """
 
 from __future__ import annotations
@@ -93,3 +95,25 @@ class CheckedCheckpointLoader(CheckpointLoader):
     def __call__(self, engine) -> None:
         check_state_dict(model_state(read_checkpoint(self.load_path)), self.network, self.load_path)
         super().__call__(engine)
+
+
+def load_torchscript(path: str | os.PathLike, map_location=None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` an exported network (``models/model.ts``) in eval mode, with one clear
+    error if the file is missing or is not a TorchScript export of :class:`scripts.network.EOIR`.
+
+    The module computes what ``network_def`` computes (the same ``forward``, weights baked in),
+    so ``configs/inference_ts.json`` uses it in place of ``network_def`` + ``models/model.pt``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: TorchScript file not found (make it with python -m monai.bundle ckpt_export "
+                         "network_def --filepath models/model.ts --ckpt_file models/model.pt "
+                         "--meta_file configs/metadata.json --config_file configs/inference.json)")
+    try:
+        module = torch.jit.load(str(p), map_location=map_location)
+    except Exception as e:
+        raise InputError(f"{p}: cannot load as TorchScript ({e.__class__.__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]})") from None
+    if ENCODER_FIRST_WEIGHT not in module.state_dict():
+        raise InputError(f"{p}: not a TorchScript export of the EOIR network (no {ENCODER_FIRST_WEIGHT})")
+    return module.eval()

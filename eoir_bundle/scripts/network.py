@@ -19,18 +19,75 @@ Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, DVF2DDF, Warp
 from torch import nn
 
-__all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "NUM_LEVELS", "INTEGRATION_STEPS"]
+__all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "ScriptableWarp", "ScriptableDVF2DDF", "NUM_LEVELS",
+           "INTEGRATION_STEPS"]
 
 NUM_LEVELS = 5
 INTEGRATION_STEPS = 7
 _DIVISOR = 2 ** (NUM_LEVELS - 1)  # 16: every pyramid level halves the size
+
+
+class ScriptableWarp(Warp):
+    """MONAI :class:`~monai.networks.blocks.Warp` whose ``forward`` TorchScript can compile.
+
+    Why it exists: ``torch.jit.script`` (what ``monai.bundle ckpt_export`` runs) rejects
+    MONAI's ``Warp.forward`` (MONAI 1.6.1): ``tuple(image.shape[2:])`` (a tuple of unknown
+    length), the reference grid cached in ``self.ref_grid`` (an attribute that starts as
+    ``None``, so TorchScript types it ``NoneType``; ``get_reference_grid`` also uses the
+    generator-based ``torch.random.fork_rng`` for jitter), the module-level ``USE_COMPILED`` flag and
+    ``_compiled_unsupported()`` read inside ``forward``, ``grid[..., index_list]`` (list indexing
+    after an ellipsis), and the ``grid_pull`` branch (MONAI's compiled extension).
+
+    Same math as ``Warp``'s PyTorch-native path, the same float operations in the same order
+    (so the same sampling coordinates, bit for bit): ``grid_i = (i_index + ddf_i) * 2 /
+    max(size_i - 1, 1) - 1`` in ``(x, y, z) = (axis 2, 1, 0)`` order, then ``F.grid_sample``
+    with ``align_corners=True`` and the ``mode`` / ``padding_mode`` given to ``Warp``. It always
+    uses ``F.grid_sample`` (also when MONAI is built with its C++ extension), caches no grid
+    (adds the index to each channel instead: no full-size grid kept between calls), and does
+    not support ``jitter``.
+    """
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        with warnings.catch_warnings():  # Warp announces that it uses torch's grid_sample: expected
+            warnings.simplefilter("ignore")
+            super().__init__(mode=mode, padding_mode=padding_mode, jitter=False)
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        spatial_dims = image.dim() - 2
+        if spatial_dims != 2 and spatial_dims != 3:
+            raise NotImplementedError(f"got unsupported spatial_dims={spatial_dims}, currently support 2 or 3.")
+        if ddf.dim() != image.dim() or ddf.shape[0] != image.shape[0] or ddf.shape[1] != spatial_dims \
+                or ddf.shape[2:] != image.shape[2:]:
+            raise ValueError(f"Given input {spatial_dims}-d image shape {image.shape}, the input DDF shape must be "
+                             f"(batch, {spatial_dims}, *spatial), got {ddf.shape} instead.")
+        coords: List[torch.Tensor] = []
+        for i in range(spatial_dims - 1, -1, -1):  # grid_sample wants (x, y, z) = array axes reversed
+            size = ddf.shape[2 + i]
+            view = [1] * spatial_dims
+            view[i] = size
+            index = torch.arange(0, size, dtype=ddf.dtype, device=ddf.device).view(view)
+            coords.append((index + ddf[:, i]) * 2 / max(size - 1, 1) - 1)
+        grid = torch.stack(coords, dim=-1)
+        return F.grid_sample(image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native,
+                             align_corners=True)
+
+
+class ScriptableDVF2DDF(DVF2DDF):
+    """MONAI :class:`~monai.networks.blocks.DVF2DDF` (scaling and squaring) warping with
+    :class:`ScriptableWarp`, so that TorchScript can compile it; the same computation."""
+
+    def __init__(self, num_steps: int = INTEGRATION_STEPS, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            super().__init__(num_steps=num_steps, mode=mode, padding_mode=padding_mode)
+        self.warp_layer = ScriptableWarp(mode=mode, padding_mode=padding_mode)
 
 
 def _encoder_block(in_channels: int, out_channels: int) -> Convolution:
@@ -79,8 +136,9 @@ class EOIR(nn.Module):
         start_channel: ``N``, the encoder width (32 in the LUMIR submission, 16 in the
             authors' training script).
 
-``forward`` returns the full-resolution ``ddf`` (TorchScript-able); :meth:`pyramid` returns
-every level (what the multi-scale training loss needs; see :class:`MultiScaleOutputs`).
+    ``forward`` returns the full-resolution ``ddf``; :meth:`pyramid` returns every level (what
+    the multi-scale training loss needs; see :class:`MultiScaleOutputs`). The module compiles
+    with ``torch.jit.script`` (``monai.bundle ckpt_export``, any input size).
     Sizes that are not multiples of 16 are zero-padded symmetrically and the field is
     cropped back (padding does not change voxel-unit displacements).
 
@@ -101,17 +159,19 @@ every level (what the multi-scale training loss needs; see :class:`MultiScaleOut
         if n < 1:
             raise ValueError(f"start_channel must be a positive integer, got {start_channel}")
         self.start_channel = n
+        # TorchScript reads module attributes, not module-level globals
+        self.num_levels, self.divisor = NUM_LEVELS, _DIVISOR
         self.encoder = nn.Sequential(_encoder_block(1, n), _encoder_block(n, 2 * n), _encoder_block(2 * n, n))
         self.estimators = nn.ModuleList([FlowEstimator(n) for _ in range(NUM_LEVELS)])
         for est in self.estimators:  # start near the identity: tiny flow weights, zero bias
             nn.init.normal_(est.flow.conv.weight, 0.0, 1e-5)
             nn.init.zeros_(est.flow.conv.bias)
         # MONAI's Warp/DVF2DDF default to "border" padding; the authors' transformer pads with
-        # zeros (torch grid_sample's default), and the published weights expect it.
-        with warnings.catch_warnings():  # Warp announces that it uses torch's grid_sample: expected
-            warnings.simplefilter("ignore")
-            self.warp = Warp(mode="bilinear", padding_mode="zeros")
-            self.integrate = DVF2DDF(num_steps=INTEGRATION_STEPS, mode="bilinear", padding_mode="zeros")
+        # zeros (torch grid_sample's default), and the published weights expect it. The
+        # Scriptable* subclasses compute what MONAI's layers compute, in a form that
+        # torch.jit.script (ckpt_export) accepts; they hold no parameters or buffers.
+        self.warp = ScriptableWarp(mode="bilinear", padding_mode="zeros")
+        self.integrate = ScriptableDVF2DDF(num_steps=INTEGRATION_STEPS, mode="bilinear", padding_mode="zeros")
 
     @staticmethod
     def downsample(x: torch.Tensor) -> torch.Tensor:
@@ -121,22 +181,31 @@ every level (what the multi-scale training loss needs; see :class:`MultiScaleOut
     @staticmethod
     def upsample_field(u: torch.Tensor) -> torch.Tensor:
         """A level's displacement on the next finer level: ``2 * trilinear_x2(u)`` (voxel units double)."""
-        return 2.0 * F.interpolate(u, scale_factor=2, mode="trilinear", align_corners=True)
+        return 2.0 * F.interpolate(u, scale_factor=2.0, mode="trilinear", align_corners=True)
+
+    def estimate(self, level: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``self.estimators[level](x, y)``, written so that TorchScript compiles it (it indexes a
+        ``ModuleList`` only with literal constants and cannot iterate one backwards)."""
+        v = torch.empty(0)
+        for i, estimator in enumerate(self.estimators):
+            if i == level:
+                v = estimator(x, y)
+        return v
 
     def pyramid(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """All levels: ``{"velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first)."""
         b = moving.shape[0]
         feats = [self.encoder(torch.cat([moving, fixed], dim=0))]
-        for _ in range(NUM_LEVELS - 1):
+        for _ in range(self.num_levels - 1):
             feats.append(self.downsample(feats[-1]))
         velocities: list[torch.Tensor] = []
         displacements: list[torch.Tensor] = []
         up: Optional[torch.Tensor] = None
-        for level, estimator in zip(range(NUM_LEVELS - 1, -1, -1), self.estimators[::-1]):
+        for level in range(self.num_levels - 1, -1, -1):
             x, y = feats[level][:b], feats[level][b:]
             if up is not None:
                 x = self.warp(x, up)
-            v = estimator(x, y)
+            v = self.estimate(level, x, y)
             u = self.integrate(v)
             if up is not None:
                 u = u + self.warp(up, u)
@@ -150,7 +219,7 @@ every level (what the multi-scale training loss needs; see :class:`MultiScaleOut
         if x.dim() != 5 or x.shape[1] != 2:
             raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
         d0, d1, d2 = x.shape[2], x.shape[3], x.shape[4]
-        p0, p1, p2 = (-d0) % _DIVISOR, (-d1) % _DIVISOR, (-d2) % _DIVISOR
+        p0, p1, p2 = (-d0) % self.divisor, (-d1) % self.divisor, (-d2) % self.divisor
         padded = p0 + p1 + p2 > 0
         if padded:  # F.pad lists the last axis first
             x = F.pad(x, [p2 // 2, p2 - p2 // 2, p1 // 2, p1 - p1 // 2, p0 // 2, p0 - p0 // 2])
