@@ -64,12 +64,13 @@ def _scores(x, ddf, mi, ml, fl):
     return dice, ncc, ndv(disp, mi)
 
 
-def test_io_improves_ncc_and_dice_and_stays_diffeomorphic(pair):
+@pytest.mark.parametrize("io_init", ["warm_start", "compose"])
+def test_io_improves_ncc_and_dice_and_stays_diffeomorphic(pair, io_init):
     x, mi, ml, fl = pair
     net = _identity_eoir()
     params = [p.clone() for p in net.parameters()]
     # the default levels (1 and 2) are meant for 1 mm grids; this 5 mm grid needs levels 0 and 1
-    inferer = InstanceOptimizationInferer(io_iterations=30, io_level=0, io_levels=2)
+    inferer = InstanceOptimizationInferer(io_iterations=30, io_level=0, io_levels=2, io_init=io_init)
     with torch.no_grad():  # as MONAI's evaluator calls it
         base = net(x)
         ddf = inferer(x, net)
@@ -84,6 +85,22 @@ def test_io_improves_ncc_and_dice_and_stays_diffeomorphic(pair):
     assert stats["loss_after"] < stats["loss_before"] and stats["ncc_after"] < stats["ncc_before"]
     assert all(torch.equal(a, b) for a, b in zip(params, net.parameters()))  # the network stays frozen
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("io_init", ["warm_start", "compose"])
+def test_io_starts_from_the_networks_field(pair, io_init):
+    """With a negligible step, either mode returns (about) the network's own nonzero field."""
+    x = pair[0]
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randn(1, 3, 3, 3, 3, generator=g)
+    u = torch.nn.functional.interpolate(coarse, size=tuple(x.shape[2:]), mode="trilinear", align_corners=True)
+    u = 2.0 * u / u.abs().max()  # a smooth field of up to 2 voxels
+    inferer = InstanceOptimizationInferer(io_iterations=1, io_learning_rate=1e-6, io_level=0, io_levels=1, io_init=io_init)
+    with torch.no_grad():
+        ddf = inferer(x, lambda _x: u)
+    inner = (slice(None), slice(None), *[slice(6, n - 6) for n in x.shape[2:]])  # away from zero-padded borders
+    # warm start: exp(u) ~ u up to second-order terms; compose: exactly u (v ~ 0)
+    assert float((ddf - u)[inner].abs().max()) < 0.3 * float(u[inner].abs().max())
 
 
 def test_works_under_inference_mode_with_a_trained_like_network(ckpt, pair):
@@ -126,6 +143,7 @@ def test_resize_field_keeps_physical_displacements_and_windows():
     ({"io_level": -1}, "io_level must be an integer >= 0"),
     ({"io_levels": 0}, "io_levels must be an integer >= 1"),
     ({"io_ncc_window": 4}, "io_ncc_window must be an odd integer >= 1"),
+    ({"io_init": "zero"}, "io_init must be one of warm_start, compose"),
 ])
 def test_bad_knobs(kwargs, expect):
     with pytest.raises(InputError, match=expect.replace(".", r"\.")):

@@ -64,7 +64,8 @@ def check_state_dict(state: dict, network: torch.nn.Module, source: str | os.Pat
         k = wrong[0]
         parts.append(f"{len(wrong)} keys of another shape (e.g. {k}: {got[k]} in the file, {expected[k]} expected)")
     msg = f"{source}: checkpoint does not match network_def: " + "; ".join(parts)
-    n_file, n_net = start_channel_of(state), getattr(network, "start_channel", None)
+    n_file = start_channel_of(state)
+    n_net = getattr(getattr(network, "net", network), "start_channel", None)  # a wrapper (LeanEOIR) or EOIR
     if n_file is not None and n_net is not None and n_file != n_net:
         msg += f". It was made for start_channel={n_file}: run with --network_def#start_channel {n_file}"
     elif any(k.startswith(("simple_encoder.", "disp_warp_")) for k in unexpected):

@@ -87,6 +87,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from torch import nn
 
 from .network import EOIR, INTEGRATION_STEPS, NUM_LEVELS
@@ -961,8 +962,9 @@ class LeanEOIR(nn.Module):
         self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
 
     def forward(self, x: torch.Tensor):
-        if self.training or torch.is_grad_enabled():
-            return self.net(x)
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
+            return self.net(x)  # training, gradients, or a GPU (where the plain path fits and is fast)
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x  # plain tensor: no per-op metadata bookkeeping
         return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
                             store_limit=self.store_limit)
 

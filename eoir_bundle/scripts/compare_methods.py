@@ -1,0 +1,222 @@
+"""Accuracy and speed of the bundle against zero displacement and ANTs SyN, on the same pairs.
+
+    python -m scripts.compare_methods --dataset_dir D [--data_list_file_path D/LUMIR_dataset.json] \\
+        [--ckpt models/model.pt] [--io_iterations 0,25,50,100] [--ants SyNOnly] [--threads 2] \\
+        [--max_pairs 0] [--output results.json]
+
+Pairs: those of the dataset JSON that have label maps (``labels*/``) and landmark volumes
+(``landmarks*/``) beside their images, as ``configs/evaluate.json`` scores them
+(:func:`scripts.data.evaluation_pairs`); images are LUMIR-style (uint8, one grid).
+
+Methods, each timed on its own (wall clock, ``--threads`` threads, data already in memory):
+
+* ``zero``: no displacement (the pair's starting point);
+* ``network`` and ``network+io{K}``: the default inference path of ``configs/inference.json``
+  (the lean CPU network, then :class:`~scripts.instance_optimization.InstanceOptimizationInferer`
+  with that config's IO settings and ``K`` iterations; ``K = 0`` is the network alone). The
+  network runs once per pair; a ``network+io{K}`` time is the network's plus its own IO time;
+  for the ``--extra_io_iterations`` budgets also IO with the other ``io_init`` and IO from a
+  zero field without the network (what the network contributes);
+* ``ants_<transform>``: ``ants.registration(fixed, moving, type_of_transform=...)`` of
+  ``antspyx`` (``SyNOnly``: deformable SyN only, the images being affinely aligned already),
+  its forward transforms composed by ANTs into one displacement field and read back as a disp
+  on the fixed grid (:mod:`scripts.geometry`).
+
+Metrics (:func:`scripts.registration_metrics.evaluate_pair`, the LUMIR definitions): Dice and
+HD95 over the labels present in the fixed or moving map, TRE on the landmark volumes, NDV
+(% non-diffeomorphic volume) in the moving image's foreground. Output: one progress line per
+pair and method, a table (mean over pairs), and ``--output`` JSON (per pair and mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .errors import InputError, exit_on_input_error
+from .file_io import atomic_write_text
+from .geometry import disp_from_itk_displacement
+
+LOG = logging.getLogger("eoir.compare")
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("dice", "hd95", "tre", "ndv", "seconds")
+
+
+def _read(path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _load_pair(item: dict) -> dict:
+    out = {"moving": _read(item["moving"]), "fixed": _read(item["fixed"]), "affine": nib.load(item["fixed"]).affine}
+    for key in ("moving_label", "fixed_label", "moving_landmarks", "fixed_landmarks"):
+        if key in item:
+            out[key] = _read(item[key])
+    return out
+
+
+def _score(disp: np.ndarray, pair: dict) -> dict:
+    from .registration_metrics import evaluate_pair
+
+    labels = None
+    if "fixed_label" in pair:
+        both = np.union1d(np.unique(pair["fixed_label"]), np.unique(pair["moving_label"]))
+        labels = [int(v) for v in both if v > 0]
+    res = evaluate_pair(disp, fixed_label=pair.get("fixed_label"), moving_label=pair.get("moving_label"),
+                        dice_labels=labels, hd95_labels=labels, fixed_landmarks=pair.get("fixed_landmarks"),
+                        moving_landmarks=pair.get("moving_landmarks"), moving_image=pair["moving"])
+    return {k: float(res[k]) for k in ("dice", "hd95", "tre", "ndv") if k in res}
+
+
+def inference_settings(config: Path = BUNDLE_ROOT / "configs" / "inference.json") -> dict:
+    """The IO settings (``io_*`` ids) of the inference config, so the comparison runs its defaults."""
+    data = json.loads(Path(config).read_text())
+    return {k: v for k, v in data.items() if k.startswith("io_") and k != "io_iterations"}
+
+
+class NetworkMethod:
+    """The default inference path: lean CPU network, then instance optimisation."""
+
+    def __init__(self, ckpt: str, io_budgets: list[int], extra_budgets: list[int] = ()):
+        from .checkpoint import load_weights, read_checkpoint, start_channel_of
+        from .lean_inference import LeanEOIR
+        from .network import EOIR
+
+        n = start_channel_of(read_checkpoint(ckpt))
+        self.net = LeanEOIR(load_weights(EOIR(start_channel=n), ckpt)).eval()
+        self.start_channel, self.io_budgets, self.settings = n, io_budgets, inference_settings()
+        self.extra_budgets = list(extra_budgets)
+
+    def run(self, pair: dict) -> dict[str, tuple[np.ndarray, float]]:
+        from .instance_optimization import InstanceOptimizationInferer
+
+        x = torch.tensor(np.stack([pair["moving"], pair["fixed"]])[None], dtype=torch.float32) / 255.0
+        start = time.perf_counter()
+        with torch.no_grad():
+            u_net = self.net(x)
+        t_net = time.perf_counter() - start
+        results = {"network": (u_net, t_net)}
+        runs = [(f"network+io{k}", k, {}, u_net, t_net) for k in self.io_budgets if k]
+        for k in self.extra_budgets:  # the other way of using the network, and no network at all
+            other = "compose" if self.settings.get("io_init", "compose") != "compose" else "warm_start"
+            runs.append((f"network+io{k} ({other})", k, {"io_init": other}, u_net, t_net))
+            runs.append((f"io{k} from zero (no network)", k, {"io_init": "compose"}, torch.zeros_like(u_net), 0.0))
+        for name, k, change, u_start, t_start in runs:
+            inferer = InstanceOptimizationInferer(io_iterations=k, **{**self.settings, **change})
+            start = time.perf_counter()
+            with torch.no_grad():
+                ddf = inferer(x, lambda _x, u=u_start: u)  # the network's field, computed (and timed) once
+            results[name] = (ddf, t_start + time.perf_counter() - start)
+        return {k: (ddf[0].permute(1, 2, 3, 0).numpy(), t) for k, (ddf, t) in results.items()}
+
+
+class AntsMethod:
+    """ANTs registration through antspyx; the forward warp as a disp on the fixed grid."""
+
+    def __init__(self, transform: str):
+        try:
+            import ants  # noqa: F401
+        except ImportError:
+            raise InputError("--ants needs antspyx (pip install antspyx==0.6.3)") from None
+        self.transform = transform
+        self.name = f"ants_{transform}"
+
+    def run(self, item: dict, pair: dict) -> tuple[np.ndarray, float]:
+        import ants
+
+        fixed, moving = ants.image_read(str(item["fixed"])), ants.image_read(str(item["moving"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            reg = ants.registration(fixed, moving, type_of_transform=self.transform, outprefix=tmp + "/")
+            seconds = time.perf_counter() - start
+            # the forward transforms (SyNOnly: an initial affine .mat and the warp) as one
+            # displacement field on the fixed grid, composed by ANTs itself
+            composed = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=tmp + "/composed_")
+            field = nib.load(composed)
+            vectors = np.asarray(field.dataobj, dtype=np.float64)[:, :, :, 0, :]
+            disp = disp_from_itk_displacement(vectors, field.affine)
+        return np.moveaxis(disp, 0, -1), seconds
+
+
+def _mean(rows: list[dict], method: str) -> dict:
+    values = {m: [r[method][m] for r in rows if m in r[method]] for m in METRICS}
+    return {m: float(np.mean(v)) for m, v in values.items() if v}
+
+
+def compare(dataset_dir: str, data_list_file_path: str = "", ckpt: str = "", io_budgets=(0, 25, 50, 100),
+            ants_transform: str = "SyNOnly", threads: int = 2, max_pairs: int = 0, extra_budgets=(50,)) -> dict:
+    from .data import evaluation_pairs
+
+    torch.set_num_threads(threads)
+    data_json = data_list_file_path or str(Path(dataset_dir) / "LUMIR_dataset.json")
+    items = evaluation_pairs(data_json, dataset_dir)
+    items = items[:max_pairs] if max_pairs else items
+    network = NetworkMethod(ckpt or str(BUNDLE_ROOT / "models" / "model.pt"), list(io_budgets), list(extra_budgets))
+    ants_method = AntsMethod(ants_transform) if ants_transform else None
+    rows, start = [], time.perf_counter()
+    for i, item in enumerate(items):
+        pair = _load_pair(item)
+        row = {"moving": item["moving"], "fixed": item["fixed"], "zero": {**_score(np.zeros(pair["fixed"].shape + (3,), np.float32), pair), "seconds": 0.0}}
+        for name, (disp, seconds) in network.run(pair).items():
+            row[name] = {**_score(disp, pair), "seconds": seconds}
+        if ants_method is not None:
+            disp, seconds = ants_method.run(item, pair)
+            row[ants_method.name] = {**_score(disp, pair), "seconds": seconds}
+        rows.append(row)
+        elapsed = time.perf_counter() - start
+        LOG.info("pair %d/%d %s: %s (ETA %.0f s)", i + 1, len(items), Path(item["moving"]).name,
+                 ", ".join(f"{k} dice {v['dice']:.3f} {v['seconds']:.1f}s" for k, v in row.items() if isinstance(v, dict)),
+                 elapsed / (i + 1) * (len(items) - i - 1))
+    methods = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    return {"dataset_dir": str(dataset_dir), "start_channel": network.start_channel, "threads": threads,
+            "io_settings": network.settings, "pairs": rows, "mean": {m: _mean(rows, m) for m in methods}}
+
+
+def table(result: dict) -> str:
+    lines = ["| method | Dice | HD95 (mm) | TRE (mm) | NDV (%) | s/pair |", "|---|---|---|---|---|---|"]
+    for method, m in result["mean"].items():
+        lines.append(f"| {method} | {m.get('dice', float('nan')):.4f} | {m.get('hd95', float('nan')):.2f} | "
+                     f"{m.get('tre', float('nan')):.2f} | {m.get('ndv', float('nan')):.4f} | {m['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--data_list_file_path", default="")
+    parser.add_argument("--ckpt", default="", help="bundle state dict (default models/model.pt)")
+    parser.add_argument("--io_iterations", default="0,25,50,100", help="comma-separated IO budgets; 0 = network alone")
+    parser.add_argument("--extra_io_iterations", default="50",
+                        help="budgets also run with the other io_init and from a zero field (no network); empty: none")
+    parser.add_argument("--ants", default="SyNOnly", help="antspyx type_of_transform; empty to skip ANTs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max_pairs", type=int, default=0)
+    parser.add_argument("--output", default="")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))  # before ants is imported
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        budgets = sorted({int(b) for b in args.io_iterations.split(",") if b.strip()} | {0})
+        extra = [int(b) for b in args.extra_io_iterations.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--io_iterations: expected comma-separated integers, got {args.io_iterations!r}") from None
+    result = compare(args.dataset_dir, args.data_list_file_path, args.ckpt, budgets, args.ants, args.threads,
+                     args.max_pairs, extra)
+    result["command"] = "python -m scripts.compare_methods " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    print(table(result))
+    if args.output:
+        atomic_write_text(json.dumps(result, indent=2), args.output)
+    return result
+
+
+if __name__ == "__main__":
+    main()
