@@ -101,26 +101,22 @@ import numpy as np
 from .errors import InputError, exit_on_input_error
 from .file_io import atomic_save_nifti, atomic_write, atomic_write_text, ensure_writable_dir
 from .make_synthetic_lumir import (
-    CSF_LABELS,
     FULL_SHAPE,
-    GM_FIRST,
     LANDMARKS,
     NUM_LANDMARKS,
-    WM_FIRST,
     _full_template,
     _nearest_allowed,
     _resample,
     _tissue_classes,
-    _world_coordinates,
-    _Y_SLABS,
-    _Z_SLABS,
     _check_count,
     grid_affine,
     label_names,
-    landmark_names,
     lumir_name,
     parse_shape,
+    progress_to_stderr,
     random_subject,
+    region_labels,
+    write_evaluation_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,25 +222,6 @@ def template_on_grid(shape: Sequence[int] = FULL_SHAPE) -> dict:
         "wm": wm,
         "affine": grid_affine(shape),
     }
-
-
-def region_labels(tissue: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The 34-label map of tissue classes (0 bg, 1 CSF, 2 GM, 3 WM) on a grid with MNI
-    ``affine``: CSF by hemisphere, GM/WM by hemisphere x MNI-y quartile x MNI-z half, with the
-    template's region boundaries (the definition of :func:`make_synthetic_lumir.template_volumes`)."""
-    full = _full_template()
-    x, y, z = _world_coordinates(affine, tissue.shape)
-    hemi = (x >= 0).astype(np.int16)  # RAS: x < 0 is left
-    labels = np.zeros(tissue.shape, dtype=np.int16)
-    labels[tissue == 1] = CSF_LABELS[0] + hemi[tissue == 1]
-    for cls, name, first in ((2, "gm", GM_FIRST), (3, "wm", WM_FIRST)):
-        ybounds, zbounds = full["bounds"][name]
-        yslab = np.searchsorted(ybounds, y, side="right").astype(np.int16)
-        zslab = np.searchsorted(zbounds, z, side="right").astype(np.int16)
-        region = first + hemi * (len(_Y_SLABS) * len(_Z_SLABS)) + yslab * len(_Z_SLABS) + zslab
-        sel = tissue == cls
-        labels[sel] = region[sel]
-    return labels
 
 
 def landmark_volume(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -495,35 +472,13 @@ def make_pairs(t1_path, out_dir, pairs: int, seed: int, shape: Sequence[int] = F
         "numValidation": p,
         "validation": eval_pairs,
     }
-    common = {"expected_shape": [*shape, 3], "eval_pairs": eval_pairs, "eval_config_version": 0.0, "masked_evaluation": False}
-    seg_config = {
-        "name": "LUMIR",
-        "evaluation_methods": [
-            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
-            {"name": "DSC", "metric": "dice", "labels": sorted(names)},
-            {"name": "HD95", "metric": "hd95", "labels": sorted(names)},
-        ],
-        **common,
-    }
-    lm_config = {
-        "name": "LUMIR",
-        "evaluation_methods": [
-            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
-            {"name": "TRE_lm", "metric": "tre", "dest": "landmarks"},
-        ],
-        **common,
-    }
-    labels_doc = {
-        "description": "Label maps: tissue classes of an automatic Atropos segmentation (CSF, GM, WM) of the scan "
+    write_evaluation_files(
+        out, shape, eval_pairs, names,
+        "Label maps: tissue classes of an automatic Atropos segmentation (CSF, GM, WM) of the scan "
         "after affine registration to MNI152, GM and WM split by hemisphere (MNI x < 0 is left), MNI-y quartile "
         "and MNI-z half (the template's boundaries), as in make_synthetic_lumir. Landmarks: 3x3x3 blobs of value "
         "k at the subject's brain voxel nearest to the given approximate MNI coordinates.",
-        "labels": {str(v): n for v, n in names.items()},
-        "landmarks": {str(v): d for v, d in landmark_names().items()},
-    }
-    atomic_write_text(json.dumps(labels_doc, indent=4) + "\n", out / "labels.json")
-    atomic_write_text(json.dumps(seg_config, indent=4) + "\n", out / "LUMIR_VAL_Segmentation_evaluation_config.json")
-    atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
+    )
     return atomic_write_text(json.dumps(dataset, indent=4) + "\n", out / "LUMIR_dataset.json")
 
 
@@ -548,18 +503,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if not Path(args.t1).is_file():
         raise InputError(f"{args.t1}: T1w image not found")
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(max(args.threads, 1)))
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    previous_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            path = make_pairs(args.t1, args.out, args.pairs, args.seed, shape, n4=not args.no_n4)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
+    with progress_to_stderr(logger), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = make_pairs(args.t1, args.out, args.pairs, args.seed, shape, n4=not args.no_n4)
     print(path)
     return path
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import contextlib
 import logging
 import math
 import time
@@ -260,16 +261,14 @@ def _resample(vols: Sequence[np.ndarray], shape: Sequence[int]) -> list[np.ndarr
     return [a.copy() for a in y[0].numpy()]
 
 
-@functools.lru_cache(maxsize=4)
-def _template_cached(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def region_labels(tissue: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The 34-label map of tissue classes (0 bg, 1 CSF, 2 GM, 3 WM) on a grid with MNI
+    ``affine``: CSF by hemisphere, GM/WM by hemisphere x MNI-y quartile x MNI-z half, with the
+    template's region boundaries (the definition of :func:`template_volumes`)."""
     full = _full_template()
-    t1, maskfrac, gm, wm = _resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
-    t1 = np.clip(t1, 0.0, 1.0).astype(np.float32)
-    affine = grid_affine(shape)
-    tissue = _tissue_classes(maskfrac, gm, wm)
-    x, y, z = _world_coordinates(affine, shape)
+    x, y, z = _world_coordinates(affine, tissue.shape)
     hemi = (x >= 0).astype(np.int16)  # RAS: x < 0 is left
-    labels = np.zeros(shape, dtype=np.int16)
+    labels = np.zeros(tissue.shape, dtype=np.int16)
     labels[tissue == 1] = CSF_LABELS[0] + hemi[tissue == 1]
     for cls, name, first in ((2, "gm", GM_FIRST), (3, "wm", WM_FIRST)):
         ybounds, zbounds = full["bounds"][name]
@@ -278,6 +277,17 @@ def _template_cached(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarra
         region = first + hemi * (len(_Y_SLABS) * len(_Z_SLABS)) + yslab * len(_Z_SLABS) + zslab
         sel = tissue == cls
         labels[sel] = region[sel]
+    return labels
+
+
+@functools.lru_cache(maxsize=4)
+def _template_cached(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    full = _full_template()
+    t1, maskfrac, gm, wm = _resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
+    t1 = np.clip(t1, 0.0, 1.0).astype(np.float32)
+    affine = grid_affine(shape)
+    tissue = _tissue_classes(maskfrac, gm, wm)
+    labels = region_labels(tissue, affine)
     for a in (t1, labels, affine):
         a.setflags(write=False)
     return t1, labels, affine
@@ -580,6 +590,42 @@ def _to_uint8(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
 # =========================================================================================
 
 
+def write_evaluation_files(out: Path, shape, eval_pairs: list[dict], names: dict[int, str], description: str) -> None:
+    """Write ``labels.json`` and the two official-format evaluation configs (Dice/HD95 over
+    ``names``, TRE on ``landmarks``, NDV) for ``eval_pairs`` of images of ``shape``."""
+    common = {
+        "expected_shape": [*shape, 3],
+        "eval_pairs": eval_pairs,
+        "eval_config_version": 0.0,
+        "masked_evaluation": False,
+    }
+    seg_config = {
+        "name": "LUMIR",
+        "evaluation_methods": [
+            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
+            {"name": "DSC", "metric": "dice", "labels": sorted(names)},
+            {"name": "HD95", "metric": "hd95", "labels": sorted(names)},
+        ],
+        **common,
+    }
+    lm_config = {
+        "name": "LUMIR",
+        "evaluation_methods": [
+            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
+            {"name": "TRE_lm", "metric": "tre", "dest": "landmarks"},
+        ],
+        **common,
+    }
+    labels_doc = {
+        "description": description,
+        "labels": {str(v): name for v, name in names.items()},
+        "landmarks": {str(v): d for v, d in landmark_names().items()},
+    }
+    atomic_write_text(json.dumps(labels_doc, indent=4) + "\n", out / "labels.json")
+    atomic_write_text(json.dumps(seg_config, indent=4) + "\n", out / "LUMIR_VAL_Segmentation_evaluation_config.json")
+    atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
+
+
 def make_dataset(
     out_dir,
     subjects: int,
@@ -656,40 +702,28 @@ def make_dataset(
         "test": [{"fixed": f"/imagesVal/{lumir_name(f)}", "moving": f"/imagesVal/{lumir_name(m)}"} for f, m in pairs],
     }
     eval_pairs = [{"fixed": f"./imagesVal/{lumir_name(f)}", "moving": f"./imagesVal/{lumir_name(m)}"} for f, m in pairs]
-    common = {
-        "expected_shape": [*shape, 3],
-        "eval_pairs": eval_pairs,
-        "eval_config_version": 0.0,
-        "masked_evaluation": False,
-    }
-    seg_config = {
-        "name": "LUMIR",
-        "evaluation_methods": [
-            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
-            {"name": "DSC", "metric": "dice", "labels": sorted(names)},
-            {"name": "HD95", "metric": "hd95", "labels": sorted(names)},
-        ],
-        **common,
-    }
-    lm_config = {
-        "name": "LUMIR",
-        "evaluation_methods": [
-            {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
-            {"name": "TRE_lm", "metric": "tre", "dest": "landmarks"},
-        ],
-        **common,
-    }
-    labels_doc = {
-        "description": "Label maps: tissue classes of the MNI152 GM/WM probability maps, GM and WM split by "
+    write_evaluation_files(
+        out, shape, eval_pairs, names,
+        "Label maps: tissue classes of the MNI152 GM/WM probability maps, GM and WM split by "
         "hemisphere (MNI x < 0 is left), MNI-y quartile and MNI-z half. Landmarks: 3x3x3 blobs of value k "
         "near the given approximate MNI coordinates.",
-        "labels": {str(v): name for v, name in names.items()},
-        "landmarks": {str(v): d for v, d in landmark_names().items()},
-    }
-    atomic_write_text(json.dumps(labels_doc, indent=4) + "\n", out / "labels.json")
-    atomic_write_text(json.dumps(seg_config, indent=4) + "\n", out / "LUMIR_VAL_Segmentation_evaluation_config.json")
-    atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
+    )
     return atomic_write_text(json.dumps(dataset, indent=4) + "\n", out / "LUMIR_dataset.json")
+
+
+@contextlib.contextmanager
+def progress_to_stderr(log: logging.Logger):
+    """Within the block, ``log``'s INFO lines go to stderr as bare messages (CLI progress)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    previous_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
 
 
 def _check_count(value, what: str, minimum: int) -> int:
@@ -720,16 +754,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     _check_count(args.val_subjects, "val_subjects", 2)
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
-    handler = logging.StreamHandler()  # progress to stderr: one line per subject
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    previous_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with progress_to_stderr(logger):  # one line per subject
         path = make_dataset(args.out, args.subjects, args.seed, shape, args.val_subjects)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
     print(path)
     return path
 
