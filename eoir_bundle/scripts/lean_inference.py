@@ -77,6 +77,13 @@ more memory); boxes snapped to 8 voxels (12 % less encoder work, but more oneDNN
 no faster). Not tried: ``torch.compile`` (the time is in oneDNN convolutions already, and the
 streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
 Winograd (in PyTorch ops its transforms cost about what it saves).
+Weighed and not done: background skipping in the level-0 flow estimator (a quarter of the
+time at N=16, 40 % at N=32). Its input is a constant only where the fixed features are
+background and the moving features sampled through the upsampled field are too; on the
+sample pair (shipped weights) what its three convolutions must compute is 57 % of the volume,
+but as per-row boxes plus the in-plane border frame (zero padding and the warped border make
+that frame non-constant) it is 71 %: about 3 s of 25 s at N=16 and 7 s of 56 s at N=32, for
+the most intricate streaming code here (a one-off measurement, not a shipped benchmark).
 """
 
 from __future__ import annotations
@@ -617,6 +624,19 @@ class _Encoder:
             if res is not None:
                 yield res
 
+    def block2_norm(self, channels: slice, plane: torch.Tensor, store: _Map | None = None):
+        """A pass of block 2 (output ``channels``, background ``plane``): the InstanceNorm
+        ``(scale, offset)`` of those channels; ``store``: also keep the raw rows there."""
+        mom = _Moments(self.eps[1])
+        for z2, q0, q1, box in self.block2(channels):
+            if store is not None:
+                store.write(q0, z2, box)
+            if z2 is not None:
+                mom.add(z2)
+            mom.add_outside(plane, box, q1 - q0)
+        _release_free_memory()
+        return mom.affine()
+
     def feed3(self, s3: _RowStream, z2, nrows: int, box, norm2, a2_plane):
         """Push ``nrows`` rows of block 2 (raw, inside ``box``) into block 3's stream, activated."""
         slot = s3.slot(nrows)
@@ -647,13 +667,7 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
     e.block1_norm()
     out = _Map(e.n, depth, hw, e.boxes, ragged)  # block 3's raw output, normalised in place at the end
     if not split:  # a pass for block 2's moments, a second one feeding block 3
-        mom2 = _Moments(e.eps[1])
-        for z2, q0, q1, box in e.block2(slice(None)):
-            if z2 is not None:
-                mom2.add(z2)
-            mom2.add_outside(e.z2_plane, box, q1 - q0)
-        norm2 = mom2.affine()
-        _release_free_memory()
+        norm2 = e.block2_norm(slice(None), e.z2_plane)
         a2_plane = _norm_prelu_(e.z2_plane.clone(memory_format=CL), *norm2, e.slope[1])
         s3 = _RowStream(e.w[2], e.b[2], depth, hw, rows, e.box_fn)
         for z2, q0, q1, box in e.block2(slice(None)):
@@ -667,15 +681,8 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
         z3_plane = None
         for k in range(split):
             sl = slice(k * g, (k + 1) * g)
-            mom2 = _Moments(e.eps[1])
             buf.plane = e.z2_plane[:, sl].clone(memory_format=CL)
-            for z2, q0, q1, box in e.block2(sl):
-                buf.write(q0, z2, box)
-                if z2 is not None:
-                    mom2.add(z2)
-                mom2.add_outside(buf.plane, box, q1 - q0)
-            norm2 = mom2.affine()
-            _release_free_memory()
+            norm2 = e.block2_norm(sl, buf.plane, store=buf)
             a2_plane = _norm_prelu_(buf.plane.clone(memory_format=CL), *norm2, e.slope[1])
             part = e.plane_after(2, a2_plane, sl, bias=k == 0)
             z3_plane = part if z3_plane is None else z3_plane.add_(part)
