@@ -64,6 +64,43 @@ def test_training_outputs_are_the_level_fields():
         assert torch.equal(net.eval()(torch.cat([moving, fixed], 1)), net.net(torch.cat([moving, fixed], 1)))
 
 
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing activations in the backward pass changes memory, not results."""
+    from scripts.training import PairLoss
+
+    moving, fixed = _pair()
+    x = torch.cat([moving, fixed], 1)
+    runs, kept = [], []
+    for checkpointing in (False, True):
+        net = _authors_model_free_eoir()
+        model = MultiScaleOutputs(net, activation_checkpointing=checkpointing).train()
+        saved = []  # bytes of the tensors autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            pred = model(x)
+        loss = PairLoss(ncc_weight=1.0, reg_weight=5.0)(pred, x)
+        loss.backward()
+        runs.append((loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}))
+        kept.append(sum(saved))
+    assert kept[1] < 0.25 * kept[0], kept
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        assert grads_a[k].abs().sum() > 0, k  # every parameter learns
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _authors_model_free_eoir(n=8, seed=0):
+    """An EOIR with seeded weights whose fields move voxels (as in ``_authors_model``)."""
+    torch.manual_seed(seed)
+    net = EOIR(start_channel=n)
+    with torch.no_grad():
+        for est in net.estimators:
+            est.flow.conv.weight.normal_(0.0, 0.05)
+    return net
+
 def test_odd_sizes_are_padded_and_cropped():
     net = _eoir_from_authors(8)
     moving, fixed = _pair()

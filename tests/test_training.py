@@ -90,6 +90,31 @@ def test_training_lowers_the_loss_logs_dice_and_resumes(tiny_lumir, tmp_path):
     assert lr == pytest.approx(2e-3 * (1 - 3 / 3) ** 0.9, abs=1e-12)
 
 
+
+def test_activation_checkpointing_trains_the_same_weights(tiny_lumir, tmp_path):
+    """``--activation_checkpointing true`` (for full-size training on a small GPU) changes memory,
+    not the training: one epoch from the same seed ends at the same weights."""
+    states = []
+    for flag in (False, True):
+        wf = _train(tiny_lumir, tmp_path / str(flag), max_epochs=1, activation_checkpointing=flag, val_interval=2)
+        assert wf.parser.get_parsed_content("train_network").activation_checkpointing is flag
+        states.append(torch.load(tmp_path / str(flag) / "checkpoint_epoch=1.pt", weights_only=False)["model"])
+    assert states[0].keys() == states[1].keys()
+    torch.manual_seed(0)
+    init = EOIR(start_channel=8).state_dict()
+    for k in states[0]:
+        if re.fullmatch(r"encoder\.\d\.conv\.bias", k):
+            # a bias right before InstanceNorm has a zero gradient: only float noise, which Adam
+            # scales up to full steps of either sign, differently in two runs of any kind
+            continue
+        moved = float((states[0][k] - init[k]).abs().max())
+        differ = float((states[1][k] - states[0][k]).abs().max())
+        # Adam turns gradient rounding differences (1e-7 relative) into slightly different steps
+        # on small gradients: measured under 0.5 % of how far the weights moved in the epoch
+        assert differ <= 0.02 * moved + 1e-7, (k, differ, moved)
+    moved = max(float((states[0][k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-3  # the epoch did train
+
 def test_random_pairs_are_reproducible_and_redrawn_each_epoch(tiny_lumir):
     images = training_images(tiny_lumir / "LUMIR_dataset.json", tiny_lumir)
     ds = RandomPairDataset(images, seed=5)
@@ -140,3 +165,18 @@ def test_gradient_clipping_handler_bounds_the_gradient_norm():
                               lambda e: norms.append(float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())))
     trainer.run()
     assert norms and norms[0] == pytest.approx(0.5, rel=1e-4)  # the raw norm is in the thousands
+
+
+def test_train_step_benchmark_cli_small():
+    """``python -m scripts.benchmark_train_step`` measures both settings, on the same first loss."""
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_train_step", "--shape", "32,48,32", "--start_channel", "4",
+         "--threads", "1", "--steps", "1", "--warmup", "0"],
+        cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    off, on = report["runs"]["checkpointing=off,amp=off"], report["runs"]["checkpointing=on,amp=off"]
+    for r in (off, on):
+        assert r["seconds"] > 0 and r["peak_rss_gb"] > r["baseline_rss_gb"] > 0
+    assert on["first_loss"] == pytest.approx(off["first_loss"], rel=1e-6)

@@ -19,10 +19,11 @@ Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from monai.networks.blocks import Convolution, DVF2DDF, Warp
 from torch import nn
 
@@ -192,10 +193,42 @@ class EOIR(nn.Module):
                 v = estimator(x, y)
         return v
 
-    def pyramid(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """All levels: ``{"velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first)."""
+    def level_step(self, level: int, x: torch.Tensor, y: torch.Tensor,
+                   up: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One pyramid level: ``(v, u)`` from features ``x`` (moving), ``y`` (fixed) and the
+        upsampled coarser field ``up`` (None at the coarsest level)."""
+        if up is not None:
+            x = self.warp(x, up)
+        v = self.estimate(level, x, y)
+        u = self.integrate(v)
+        if up is not None:
+            u = u + self.warp(up, u)
+        return v, u
+
+    def _checkpointed_encoder(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        # each image alone (InstanceNorm is per instance: the same result as one batch of two)
+        run = [torch.utils.checkpoint.checkpoint(self.encoder, img, use_reentrant=False) for img in (moving, fixed)]
+        return torch.cat(run, dim=0)
+
+    def _checkpointed_level(self, level: int, x: torch.Tensor, y: torch.Tensor,
+                            up: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.utils.checkpoint.checkpoint(self.level_step, level, x, y, up, use_reentrant=False)
+
+    def pyramid(self, moving: torch.Tensor, fixed: torch.Tensor,
+                activation_checkpointing: bool = False) -> dict[str, list[torch.Tensor]]:
+        """All levels: ``{"velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first).
+
+        ``activation_checkpointing`` (training only): keep only the encoder's input and output
+        and each level's ``(v, u)`` for the backward pass and recompute the rest there
+        (``torch.utils.checkpoint``): the same values and gradients for one more forward pass,
+        and a fraction of the activation memory (see ``scripts.benchmark_train_step``).
+        """
         b = moving.shape[0]
-        feats = [self.encoder(torch.cat([moving, fixed], dim=0))]
+        checkpointing = activation_checkpointing and not torch.jit.is_scripting()
+        if torch.jit.is_scripting() or not checkpointing:  # (TorchScript compiles this branch only)
+            feats = [self.encoder(torch.cat([moving, fixed], dim=0))]
+        else:
+            feats = [self._checkpointed_encoder(moving, fixed)]
         for _ in range(self.num_levels - 1):
             feats.append(self.downsample(feats[-1]))
         velocities: list[torch.Tensor] = []
@@ -203,12 +236,10 @@ class EOIR(nn.Module):
         up: Optional[torch.Tensor] = None
         for level in range(self.num_levels - 1, -1, -1):
             x, y = feats[level][:b], feats[level][b:]
-            if up is not None:
-                x = self.warp(x, up)
-            v = self.estimate(level, x, y)
-            u = self.integrate(v)
-            if up is not None:
-                u = u + self.warp(up, u)
+            if torch.jit.is_scripting() or not checkpointing:
+                v, u = self.level_step(level, x, y, up)
+            else:
+                v, u = self._checkpointed_level(level, x, y, up)
             velocities.insert(0, v)
             displacements.insert(0, u)
             if level > 0:
@@ -234,16 +265,20 @@ class MultiScaleOutputs(nn.Module):
     each field in voxel units of its own level; sizes must be multiples of 16); in eval mode
     it returns the ``ddf`` like the network itself, so one module serves a trainer and its
     validation evaluator. It holds no parameters of its own: checkpoint ``net``.
+    ``activation_checkpointing``: recompute activations in the backward pass instead of
+    keeping them (see :meth:`EOIR.pyramid`); for full-size training on a small GPU.
     """
 
-    def __init__(self, net: EOIR) -> None:
+    def __init__(self, net: EOIR, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.activation_checkpointing = bool(activation_checkpointing)
 
     def forward(self, x: torch.Tensor):
         if not self.training:
             return self.net(x)
         if x.ndim != 5 or x.shape[1] != 2 or any(s % _DIVISOR for s in x.shape[2:]):
             raise ValueError(f"training needs (B, 2, D0, D1, D2) with sizes multiple of {_DIVISOR}, got {tuple(x.shape)}")
-        out = self.net.pyramid(x[:, :1], x[:, 1:])
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        out = self.net.pyramid(x[:, :1], x[:, 1:], activation_checkpointing=checkpointing)
         return {"ddf": out["displacements"][0], "velocities": out["velocities"], "displacements": out["displacements"]}
