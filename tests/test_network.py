@@ -64,16 +64,16 @@ def test_training_outputs_are_the_level_fields():
         assert torch.equal(net.eval()(torch.cat([moving, fixed], 1)), net.net(torch.cat([moving, fixed], 1)))
 
 
-
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     """Recomputing activations in the backward pass changes memory, not results."""
+    from scripts.benchmark import build_network
     from scripts.training import PairLoss
 
     moving, fixed = _pair()
     x = torch.cat([moving, fixed], 1)
     runs, kept = [], []
     for checkpointing in (False, True):
-        net = _authors_model_free_eoir()
+        net = build_network(8, None, 0)  # seeded, with fields of several voxels
         model = MultiScaleOutputs(net, activation_checkpointing=checkpointing).train()
         saved = []  # bytes of the tensors autograd keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
@@ -91,15 +91,6 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         assert grads_a[k].abs().sum() > 0, k  # every parameter learns
         torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)
 
-
-def _authors_model_free_eoir(n=8, seed=0):
-    """An EOIR with seeded weights whose fields move voxels (as in ``_authors_model``)."""
-    torch.manual_seed(seed)
-    net = EOIR(start_channel=n)
-    with torch.no_grad():
-        for est in net.estimators:
-            est.flow.conv.weight.normal_(0.0, 0.05)
-    return net
 
 def test_odd_sizes_are_padded_and_cropped():
     net = _eoir_from_authors(8)

@@ -90,7 +90,6 @@ def test_training_lowers_the_loss_logs_dice_and_resumes(tiny_lumir, tmp_path):
     assert lr == pytest.approx(2e-3 * (1 - 3 / 3) ** 0.9, abs=1e-12)
 
 
-
 def test_activation_checkpointing_trains_the_same_weights(tiny_lumir, tmp_path):
     """``--activation_checkpointing true`` (for full-size training on a small GPU) changes memory,
     not the training: one epoch from the same seed ends at the same weights."""
@@ -114,6 +113,7 @@ def test_activation_checkpointing_trains_the_same_weights(tiny_lumir, tmp_path):
         assert differ <= 0.02 * moved + 1e-7, (k, differ, moved)
     moved = max(float((states[0][k] - init[k]).abs().max()) for k in init)
     assert moved > 1e-3  # the epoch did train
+
 
 def test_random_pairs_are_reproducible_and_redrawn_each_epoch(tiny_lumir):
     images = training_images(tiny_lumir / "LUMIR_dataset.json", tiny_lumir)

@@ -8,7 +8,7 @@ One step is what ``configs/train.json`` runs per iteration: ``MultiScaleOutputs`
 backward and an Adam update, batch 1, on a brain-like pair (``scripts.benchmark``'s input).
 Each setting (``--checkpointing`` off / on, i.e. ``train.json``'s ``activation_checkpointing``;
 ``--amp`` off / bf16 / fp16 autocast, GPU) runs in its own child process. Reported per
-setting: seconds per step (the minimum over ``--steps`` steps after one untimed step) and the
+setting: seconds per step (the minimum over ``--steps`` steps after ``--warmup`` untimed ones) and the
 peak memory: on CPU the child's peak resident memory (``VmHWM``, interpreter included, and its
 baseline before the first step); on CUDA ``torch.cuda.max_memory_allocated`` (tensors) and
 ``max_memory_reserved`` (what the caching allocator took). The loss of the first step is

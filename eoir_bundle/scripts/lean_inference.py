@@ -880,17 +880,17 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
     del ey
     x0 = encode(net, moving, split=split_x, rows=rows, _encoder=ex)
     del ex
-    # the pyramid, one image at a time; level 1 is dropped as soon as level 2 exists and made
-    # again when its turn comes (it is 1/8 of level 0: re-making it costs ~0.5 s, keeping it
-    # 2 x N/8 channels all along; the full-size maps are alive here, so this is the peak)
+    # the pyramid, one image at a time (both full-size maps are alive here); level 1 is dropped
+    # as soon as level 2 exists and made again when its turn comes (it is 1/8 of level 0:
+    # re-making it costs ~0.5 s, keeping it 2 x N/8 channels all along)
     xs, ys = [x0, None], [y0, None]
     del x0, y0
     for levels, down1 in ((xs, EOIR.downsample), (ys, _downsample_map)):
-        level1 = down1(levels[0])
-        levels.append(EOIR.downsample(level1))
-        del level1
-        for _ in range(NUM_LEVELS - 3):
-            levels.append(EOIR.downsample(levels[-1]))
+        level = down1(levels[0])
+        for _ in range(NUM_LEVELS - 2):
+            level = EOIR.downsample(level)
+            levels.append(level)
+        del level
     _release_free_memory()
     u = None
     for level in reversed(range(NUM_LEVELS)):

@@ -224,8 +224,8 @@ class EOIR(nn.Module):
         and a fraction of the activation memory (see ``scripts.benchmark_train_step``).
         """
         b = moving.shape[0]
-        checkpointing = activation_checkpointing and not torch.jit.is_scripting()
-        if torch.jit.is_scripting() or not checkpointing:  # (TorchScript compiles this branch only)
+        # TorchScript compiles only the first branch of each "is_scripting() or ..." test
+        if torch.jit.is_scripting() or not activation_checkpointing:
             feats = [self.encoder(torch.cat([moving, fixed], dim=0))]
         else:
             feats = [self._checkpointed_encoder(moving, fixed)]
@@ -236,7 +236,7 @@ class EOIR(nn.Module):
         up: Optional[torch.Tensor] = None
         for level in range(self.num_levels - 1, -1, -1):
             x, y = feats[level][:b], feats[level][b:]
-            if torch.jit.is_scripting() or not checkpointing:
+            if torch.jit.is_scripting() or not activation_checkpointing:
                 v, u = self.level_step(level, x, y, up)
             else:
                 v, u = self._checkpointed_level(level, x, y, up)
