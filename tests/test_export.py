@@ -58,9 +58,12 @@ def test_ckpt_export_writes_a_scripted_network_with_the_eager_output(exported):
     x = torch.rand(1, 2, *ODD, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, got = net(x), module(x)
+        # the argument instance optimisation's warm start passes (see scripts.instance_optimization)
+        want1, got1 = net(x, finest_level=1), module(x, finest_level=1)
     assert got.shape == (1, 3, *ODD)
     assert want.abs().max() > 0.05  # a real field, not the identity
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got1, want1, atol=1e-5, rtol=0)
 
 
 def test_scripting_keeps_the_eager_output_of_both_sizes():

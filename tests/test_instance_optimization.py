@@ -103,6 +103,31 @@ def test_io_starts_from_the_networks_field(pair, io_init):
     assert float((ddf - u)[inner].abs().max()) < 0.3 * float(u[inner].abs().max())
 
 
+def test_warm_start_runs_the_network_down_to_io_network_level(ckpt, pair):
+    """Warm start asks the network for ``finest_level=io_network_level`` (when it takes it), and
+    IO from that start matches IO from the whole network's field; compose runs the whole network."""
+    x = pair[0]
+    net = load_weights(EOIR(start_channel=8), ckpt).eval()
+    calls = []
+
+    def spy(inputs, **kwargs):
+        calls.append(kwargs)
+        return net(inputs, **kwargs)
+
+    spy.forward = net.forward  # what the inferer inspects: EOIR.forward takes finest_level
+    kw = dict(io_iterations=20, io_level=0, io_levels=2)
+    with torch.no_grad():
+        short = InstanceOptimizationInferer(io_network_level=1, **kw)(x, spy)
+        whole = InstanceOptimizationInferer(io_network_level=0, **kw)(x, spy)
+        InstanceOptimizationInferer(io_network_level=1, io_init="compose", **kw)(x, spy)
+        InstanceOptimizationInferer(io_network_level=1, **kw)(x, lambda t: net(t))  # no finest_level: whole
+        skipped = float((net(x) - net(x, finest_level=1)).abs().max())
+    assert calls == [{"finest_level": 1}, {}, {}]
+    assert skipped > 0.05  # level 0 does change the network's field
+    (d_short, n_short, _), (d_whole, n_whole, _) = (_scores(x, ddf, *pair[1:]) for ddf in (short, whole))
+    assert abs(d_short - d_whole) < 0.01 and abs(n_short - n_whole) < 0.01, (d_short, d_whole, n_short, n_whole)
+
+
 def test_works_under_inference_mode_with_a_trained_like_network(ckpt, pair):
     x = pair[0]
     net = load_weights(EOIR(start_channel=8), ckpt).eval()
@@ -144,6 +169,8 @@ def test_resize_field_keeps_physical_displacements_and_windows():
     ({"io_levels": 0}, "io_levels must be an integer >= 1"),
     ({"io_ncc_window": 4}, "io_ncc_window must be an odd integer >= 1"),
     ({"io_init": "zero"}, "io_init must be one of warm_start, compose"),
+    ({"io_network_level": 5}, "io_network_level must be an integer in 0..4, got 5"),
+    ({"io_network_level": 1.5}, "io_network_level must be an integer in 0..4, got 1.5"),
 ])
 def test_bad_knobs(kwargs, expect):
     with pytest.raises(InputError, match=expect.replace(".", r"\.")):
@@ -197,7 +224,8 @@ def test_configs_use_the_io_inferer_with_their_ids(files, key):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f) for f in files])
     parser["bundle_root"] = str(BUNDLE)
-    defaults = {k: parser[k] for k in ("io_iterations", "io_learning_rate", "io_reg_weight", "io_level", "io_levels")}
+    defaults = {k: parser[k] for k in ("io_iterations", "io_learning_rate", "io_reg_weight", "io_level", "io_levels",
+                                       "io_init", "io_network_level")}
     assert defaults["io_iterations"] > 0  # users get the refinement by default
     parser["io_iterations"], parser["io_level"], parser["io_levels"] = 7, 2, 1
     inferer = parser.get_parsed_content(key)
@@ -205,3 +233,4 @@ def test_configs_use_the_io_inferer_with_their_ids(files, key):
     assert (inferer.io_iterations, inferer.io_level, inferer.io_levels) == (7, 2, 1)
     assert inferer.io_learning_rate == defaults["io_learning_rate"]
     assert inferer.io_reg_weight == defaults["io_reg_weight"]
+    assert (inferer.io_init, inferer.io_network_level) == (defaults["io_init"], defaults["io_network_level"])

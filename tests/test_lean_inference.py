@@ -69,6 +69,18 @@ def test_same_field_as_reference(make, rows, store_limit):
     assert (ddf - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("finest_level", [1, 3])
+def test_finest_level_same_as_reference(finest_level):
+    net, x = _net(8), _brain()
+    with torch.no_grad():
+        ref = net(x, finest_level=finest_level)
+    ddf = lean_forward(net, x, finest_level=finest_level)
+    assert ref.abs().max() > 2.0
+    assert (ddf - ref).abs().max().item() < 1e-4
+    with torch.no_grad():
+        assert (LeanEOIR(net).eval()(x, finest_level=finest_level) - ref).abs().max().item() < 1e-4
+
+
 def test_background_boxes_are_found():
     boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes
     assert boxes[:3] == [FULL] * 3 and boxes[-3:] == [FULL] * 3  # axis-0 faces
@@ -138,3 +150,29 @@ def test_benchmark_cli_small(bundle_root):
         assert report["paths"][path]["peak_rss_gb"] > 0
     assert set(report["ratio"]) == {"time", "memory"}
     assert report["max_abs_diff_voxels"] < 1e-4
+
+
+def test_benchmark_cli_gpu_option(bundle_root):
+    """``--device cuda`` measures the GPU path where there is one, else says so in one line."""
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "--device", "cuda", "--amp", "off,bf16", "--shape", "32,32,32",
+         "--start_channel", "8", "--threads", "1", "--input", "random"],
+        cwd=bundle_root, capture_output=True, text=True, timeout=300,
+    )
+    if not torch.cuda.is_available():
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        assert "--device cuda: torch" in res.stderr and "sees no CUDA device here" in res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(report["paths"]) == {"reference", "reference+bf16"} and report["device"] == "cuda"
+    assert all(r["peak_allocated_gb"] > 0 and r["seconds"] > 0 for r in report["paths"].values())
+    assert report["max_abs_diff_voxels"] < 0.5  # autocast changes the field a little, not wholesale
+
+
+def test_benchmark_cli_refuses_amp_on_cpu(bundle_root):
+    res = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--amp", "bf16", "--shape", "32,32,32"],
+                         cwd=bundle_root, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--amp bf16/fp16 is measured on --device cuda only" in res.stderr
+

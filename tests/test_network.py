@@ -9,7 +9,7 @@ import torch
 from authors_reference import AuthorsEOIR
 
 from scripts.convert_checkpoint import convert_state_dict
-from scripts.network import EOIR, MultiScaleOutputs
+from scripts.network import EOIR, MultiScaleOutputs, ScriptableWarp
 
 SIZE = (32, 48, 32)
 
@@ -102,6 +102,24 @@ def test_odd_sizes_are_padded_and_cropped():
     assert torch.isfinite(ddf).all()
 
 
+@pytest.mark.parametrize("finest_level", [1, 2])
+def test_finest_level_is_the_network_with_zero_finer_velocities(finest_level):
+    """``forward(x, finest_level=k)`` = the whole network whose levels below ``k`` estimate zero
+    velocity (so each of them only carries the upsampled coarser field)."""
+    net = _eoir_from_authors(8)
+    x = torch.cat(_pair(), 1)
+    zeroed = _eoir_from_authors(8)
+    with torch.no_grad():
+        for level in range(finest_level):
+            zeroed.estimators[level].flow.conv.weight.zero_()
+            zeroed.estimators[level].flow.conv.bias.zero_()
+        full, short, expected = net(x), net(x, finest_level=finest_level), zeroed(x)
+    assert (short - expected).abs().max().item() < 1e-4
+    assert (full - short).abs().max().item() > 0.1  # the skipped levels do change the field
+    with pytest.raises(ValueError, match="finest_level must be in 0..4"):
+        net(x, finest_level=5)
+
+
 def _eoir_from_authors(n):
     net = EOIR(start_channel=n).eval()
     net.load_state_dict(convert_state_dict(_authors_model(n).state_dict())[0])
@@ -140,3 +158,25 @@ def test_convert_checkpoint_rejects_foreign_checkpoint(tmp_path, bundle_root):
     assert res.returncode != 0
     assert str(src) in res.stderr and "Traceback" not in res.stderr
     assert not dst.exists()
+
+
+def test_batch_split_warp_gives_the_plain_warps_values_and_gradients():
+    """``ScriptableWarp(batch_split=True)`` (instance optimisation's two-thread sampling) is the same warp."""
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 2, 8, 10, 6, generator=g)
+    ddf = (3 * torch.randn(1, 3, 8, 10, 6, generator=g))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for split in (False, True):
+            img, d = image.clone().requires_grad_(True), ddf.clone().requires_grad_(True)
+            out = ScriptableWarp(padding_mode="zeros", batch_split=split)(img, d)
+            (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+            results.append((out, img.grad, d.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert results[0][2].abs().max() > 0  # the displacement does get a gradient
+

@@ -3,6 +3,7 @@
     python -m scripts.benchmark --start_channel 32 --shape 160,224,192 --threads 2 \\
         [--paths reference,lean] [--repeats 1] [--warmup 0] [--ckpt models/model.pt] \\
         [--input brain|random] [--seed 0] [--omp_wait_policy passive|active|inherit]
+    python -m scripts.benchmark --device cuda --start_channel 32 --amp off,bf16 --warmup 1 --repeats 3
 
 Paths:
     ``reference``: the straightforward ``EOIR.forward`` under ``torch.no_grad()``;
@@ -28,6 +29,13 @@ input (about 0.5 GB), also reported alone as ``baseline_rss_gb``. The fields are
 the workers and compared: ``max_abs_diff_voxels`` is the largest difference of any path
 from ``reference``.
 
+GPU (``--device cuda``): the path that inference runs on a GPU, ``reference`` (``LeanEOIR``
+is ``EOIR.forward`` there), once per ``--amp`` setting (``off``: float32; ``bf16`` / ``fp16``:
+``torch.autocast``, named ``reference+bf16`` ...), each in its own process; seconds between
+``torch.cuda.synchronize()`` calls, and peak GPU memory as ``torch.cuda.max_memory_allocated``
+(tensors: weights, input, activations) and ``max_memory_reserved`` (what the caching
+allocator took); an autocast field is compared with the float32 one.
+
 Output: a readable table, then, as the last line, JSON::
 
     {"shape": [...], "start_channel": 32, "threads": 2,
@@ -51,6 +59,7 @@ from typing import Sequence
 import numpy as np
 
 PATHS = ("reference", "lean")
+AMP_DTYPES = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 FLOW_WEIGHT_STD = 0.05  # flow-conv init for benchmark weights: fields of a few voxels
 
@@ -138,18 +147,27 @@ def build_network(start_channel: int, ckpt: str | None, seed: int):
 
 
 def run_worker(args: argparse.Namespace) -> dict:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(args.threads)
     from .lean_inference import lean_forward
 
-    net = build_network(args.start_channel, args.ckpt, args.seed)
-    x = torch.from_numpy(np.load(args.input_file))[None]  # (1, 2, D0, D1, D2)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    net = build_network(args.start_channel, args.ckpt, args.seed).to(device)
+    x = torch.from_numpy(np.load(args.input_file))[None].to(device)  # (1, 2, D0, D1, D2)
+    amp = AMP_DTYPES[args.amp]
     if args.worker == "reference":
 
         def run():
-            with torch.no_grad():
-                return net(x)
+            autocast = torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
+                ddf = net(x)
+            if cuda:
+                torch.cuda.synchronize()
+            return ddf
 
     else:
 
@@ -157,6 +175,9 @@ def run_worker(args: argparse.Namespace) -> dict:
             return lean_forward(net, x)
 
     baseline = _max_rss_gb()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         ddf = run()
         del ddf
@@ -168,7 +189,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         cpu.append(time.process_time() - c0)
         if len(seconds) < args.repeats:
             del ddf
-    np.save(args.field_file, ddf.detach().numpy())
+    np.save(args.field_file, ddf.detach().float().cpu().numpy())
     best = int(np.argmin(seconds))
     result = {
         "seconds": seconds[best],
@@ -179,7 +200,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         "warmup_runs": args.warmup,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "device": args.device,
+        "amp": args.amp,
     }
+    if cuda:
+        result.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
+                      peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9, gpu=torch.cuda.get_device_name())
     Path(args.result_file).write_text(json.dumps(result))
     return result
 
@@ -189,13 +215,15 @@ def run_worker(args: argparse.Namespace) -> dict:
 # =========================================================================================
 
 
-def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path) -> dict:
-    field_file, result_file = tmp / f"field_{path}.npy", tmp / f"result_{path}.json"
+def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path, amp: str = "off") -> dict:
+    name = path if amp == "off" else f"{path}+{amp}"
+    field_file, result_file = tmp / f"field_{name}.npy", tmp / f"result_{name}.json"
     cmd = [
         sys.executable, "-m", "scripts.benchmark", "--worker", path,
         "--input_file", str(input_file), "--field_file", str(field_file), "--result_file", str(result_file),
         "--start_channel", str(args.start_channel), "--threads", str(args.threads),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed),
+        "--device", args.device, "--amp", amp,
     ]
     if args.ckpt:
         cmd += ["--ckpt", str(Path(args.ckpt).resolve())]
@@ -212,26 +240,52 @@ def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path)
 
 
 def _table(report: dict) -> str:
-    head = f"{'path':<10} {'s/pair':>8} {'cpu s':>8} {'peak RSS GB':>12} {'baseline GB':>12} {'above base GB':>14}"
-    lines = [head, "-" * len(head)]
-    for name, r in report["paths"].items():
-        lines.append(
-            f"{name:<10} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} {r['peak_rss_gb']:>12.2f} "
-            f"{r['baseline_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['baseline_rss_gb']:>14.2f}"
-        )
+    if report.get("device") == "cuda":
+        head = f"{'path':<16} {'s/pair':>8} {'peak GPU allocated GB':>22} {'peak GPU reserved GB':>21}"
+        rows = [f"{name:<16} {r['seconds']:>8.3f} {r['peak_allocated_gb']:>22.2f} {r['peak_reserved_gb']:>21.2f}"
+                for name, r in report["paths"].items()]
+    else:
+        head = f"{'path':<10} {'s/pair':>8} {'cpu s':>8} {'peak RSS GB':>12} {'baseline GB':>12} {'above base GB':>14}"
+        rows = [f"{name:<10} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} {r['peak_rss_gb']:>12.2f} "
+                f"{r['baseline_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['baseline_rss_gb']:>14.2f}"
+                for name, r in report["paths"].items()]
+    lines = [head, "-" * len(head)] + rows
     if report.get("ratio"):
         lines.append(f"lean / reference: time {report['ratio']['time']:.3f}, memory {report['ratio']['memory']:.3f}")
     if report.get("max_abs_diff_voxels") is not None:
-        lines.append(f"max |ddf_lean - ddf_reference| = {report['max_abs_diff_voxels']:.3g} voxel "
+        other = "lean" if report.get("device") != "cuda" else "autocast"
+        lines.append(f"max |ddf_{other} - ddf_reference| = {report['max_abs_diff_voxels']:.3g} voxel "
                      f"(max |ddf| = {report['max_abs_field_voxels']:.3g})")
     return "\n".join(lines)
 
 
+def _check_device(args: argparse.Namespace) -> list[str]:
+    """The ``--amp`` settings to run; a clear exit for what cannot run here."""
+    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+    if not amps or any(a not in AMP_DTYPES for a in amps):
+        raise SystemExit(f"--amp takes a comma-separated subset of {','.join(AMP_DTYPES)}, got {args.amp!r}")
+    if args.device == "cpu":
+        if amps != ["off"]:
+            raise SystemExit("--amp bf16/fp16 is measured on --device cuda only (on a CPU the lean float32 path is the one to use)")
+        return amps
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    if args.paths != "reference":
+        raise SystemExit("--device cuda measures --paths reference only: the lean path is CPU inference "
+                         "(LeanEOIR runs EOIR.forward on a GPU)")
+    return amps
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
+    if args.paths is None:
+        args.paths = "reference" if args.device == "cuda" else ",".join(PATHS)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown or not paths:
         raise SystemExit(f"--paths takes a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    amps = _check_device(args)
     with tempfile.TemporaryDirectory(prefix="eoir_bench_") as tmp_name:
         tmp = Path(tmp_name)
         vols, kind = make_input(args.shape, args.input, args.seed)
@@ -240,9 +294,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         del vols
         results = {}
         for path in paths:
-            print(f"running {path} ...", file=sys.stderr, flush=True)
-            results[path] = _run_child(path, args, tmp, input_file)
+            for amp in amps:
+                name = path if amp == "off" else f"{path}+{amp}"
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                results[name] = _run_child(path, args, tmp, input_file, amp)
         report = {
+            "device": args.device,
             "shape": list(args.shape),
             "start_channel": args.start_channel,
             "threads": args.threads,
@@ -255,10 +312,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "ratio": None,
             "max_abs_diff_voxels": None,
         }
+        keys = ("seconds", "peak_rss_gb", "cpu_seconds", "baseline_rss_gb", "seconds_all", "torch", "amp",
+                "peak_allocated_gb", "peak_reserved_gb", "gpu")
         for path, r in results.items():
-            report["paths"][path] = {
-                k: r[k] for k in ("seconds", "peak_rss_gb", "cpu_seconds", "baseline_rss_gb", "seconds_all", "torch")
-            }
+            report["paths"][path] = {k: r[k] for k in keys if k in r}
         if "reference" in results:
             ref = np.load(results["reference"]["field_file"])
             report["max_abs_field_voxels"] = float(np.abs(ref).max())
@@ -281,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--start_channel", type=int, default=32)
     parser.add_argument("--shape", type=parse_shape, default=(160, 224, 192))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--paths", default="reference,lean")
+    parser.add_argument("--paths", default=None, help="reference,lean (default; on cuda: reference)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--amp", default="off", help="off, bf16, fp16 (comma-separated; bf16/fp16 on cuda)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per path (the minimum is reported)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed runs before the timed ones (reported)")
     parser.add_argument("--ckpt", default=None, help="EOIR state dict (default: seeded random weights)")

@@ -106,6 +106,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             raise SystemExit("--amp bf16/fp16 is measured on --device cuda only")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
     report = {"shape": list(args.shape), "start_channel": args.start_channel, "threads": args.threads,
               "device": args.device, "steps": args.steps, "warmup": args.warmup, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="eoir_train_bench_") as tmp_name:

@@ -14,9 +14,11 @@ Methods, each timed on its own (wall clock, ``--threads`` threads, data already 
 * ``network`` and ``network+io{K}``: the default inference path of ``configs/inference.json``
   (the lean CPU network, then :class:`~scripts.instance_optimization.InstanceOptimizationInferer`
   with that config's IO settings and ``K`` iterations; ``K = 0`` is the network alone). The
-  network runs once per pair; a ``network+io{K}`` time is the network's plus its own IO time;
-  for the ``--extra_io_iterations`` budgets also IO with the other ``io_init`` and IO from a
-  zero field without the network (what the network contributes);
+  network runs once per pair (and once more down to ``io_network_level`` for the warm start,
+  as the inference config does); a ``network+io{K}`` time is that network run's plus its IO time;
+  for the ``--extra_io_iterations`` budgets also IO with the other ``io_init``, IO from a
+  zero field without the network (what the network contributes) and, for the warm start, IO
+  from the whole network's field (``io_network_level 0``: what skipping its finest level costs);
 * ``ants_<transform>``: ``ants.registration(fixed, moving, type_of_transform=...)`` of
   ``antspyx`` (``SyNOnly``: deformable SyN only, the images being affinely aligned already),
   its forward transforms composed by ANTs into one displacement field and read back as a disp
@@ -99,15 +101,25 @@ class NetworkMethod:
         from .instance_optimization import InstanceOptimizationInferer
 
         x = torch.tensor(np.stack([pair["moving"], pair["fixed"]])[None], dtype=torch.float32) / 255.0
-        start = time.perf_counter()
-        with torch.no_grad():
-            u_net = self.net(x)
-        t_net = time.perf_counter() - start
+
+        def network(finest_level: int):
+            start = time.perf_counter()
+            with torch.no_grad():
+                u = self.net(x, finest_level=finest_level)
+            return u, time.perf_counter() - start
+
+        u_net, t_net = network(0)
         results = {"network": (u_net, t_net)}
-        runs = [(f"network+io{k}", k, {}, u_net, t_net) for k in self.io_budgets if k]
+        # what each io_init starts from: warm start runs the network down to io_network_level only
+        warm_level = int(self.settings.get("io_network_level", 0))
+        start_of = {"compose": (u_net, t_net), "warm_start": network(warm_level) if warm_level else (u_net, t_net)}
+        init = self.settings.get("io_init", "compose")
+        runs = [(f"network+io{k}", k, {}, *start_of[init]) for k in self.io_budgets if k]
         for k in self.extra_budgets:  # the other way of using the network, and no network at all
-            other = "compose" if self.settings.get("io_init", "compose") != "compose" else "warm_start"
-            runs.append((f"network+io{k} ({other})", k, {"io_init": other}, u_net, t_net))
+            other = "compose" if init != "compose" else "warm_start"
+            runs.append((f"network+io{k} ({other})", k, {"io_init": other}, *start_of[other]))
+            if init == "warm_start" and warm_level:  # the same, started from the whole network's field
+                runs.append((f"network+io{k} (io_network_level 0)", k, {}, u_net, t_net))
             runs.append((f"io{k} from zero (no network)", k, {"io_init": "compose"}, torch.zeros_like(u_net), 0.0))
         for name, k, change, u_start, t_start in runs:
             inferer = InstanceOptimizationInferer(io_iterations=k, **{**self.settings, **change})

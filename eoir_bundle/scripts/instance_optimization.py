@@ -32,6 +32,16 @@ iterations, Dice 0.862; warm start 25 iterations 0.914, 50 iterations 0.917 (ANT
 With a network as good as the pairs need, ``compose`` keeps its fine detail; choose by
 measuring on your data.
 
+The warm start reads the network's displacement on the coarsest velocity grid only (1/8 of the
+input grid at the defaults), so the network need not run its finest levels: with
+``io_network_level = k`` the inferer calls ``network(inputs, finest_level=k)`` (``EOIR``'s
+argument: the coarse-to-fine levels stop at level ``k``, whose field is upsampled), when the
+network's ``forward`` takes ``finest_level``, else ``network(inputs)``. The full-resolution
+level 0 is most of the network's time on a CPU (N=16, 160x224x192, 2 cores: 9-15 s to level 1
+instead of 22-32 s for the whole network), and on the held-out pairs of docs/README.md IO
+reaches the same Dice from either start (to 0.0001). ``compose`` and ``io_iterations = 0``
+always run the whole network.
+
 Optimisation (per call, i.e. per batch of pairs; each pair has its own ``v``):
 
 * Resolutions: the similarity is computed on a level of the training loss's image pyramid
@@ -64,13 +74,15 @@ Optimisation (per call, i.e. per batch of pairs; each pair has its own ``v``):
 
 Cost: per iteration one integration on the velocity grid (forward only), one 1-channel warp
 and one local NCC on the loss grid (forward and backward); once per level the loss pyramid and
-one warp of the moving image; once at the end one full-resolution composition. Measured on
-synthetic 160x224x192 pairs, 2 CPU cores shared with a training run (``python -m
-scripts.instance_optimization --shape 160,224,192 --pairs 2``): the defaults (50 iterations) take
-about 10 CPU-s per pair (Dice 0.59 -> 0.917 from the identity; 25 iterations: 7 s, 0.903;
-100: 17 s, 0.919; 200: 33 s, 0.919). Memory: the optimisation holds a few loss-grid tensors;
-at full resolution the inputs, ``u_net``, the resampled ``u_io``, the output and MONAI
-``Warp``'s temporaries of the final composition: about 0.75 GB above the inputs at
+one warp of the moving image; once at the end one full-resolution composition. The warps and
+the integration are the network's MONAI-derived layers with ``batch_split=True`` (PyTorch's 3D
+CPU sampler uses one thread per batch item; the two halves of a volume go as a batch of two:
+the same values, about 1.3x faster IO on 2 cores). Measured on the held-out 160x224x192 pairs of
+docs/README.md, 2 CPU cores, nothing else running (``python -m scripts.compare_methods``): the
+defaults (50 iterations) take 7-10 s per pair without the network (25 iterations: 5-6 s; 100:
+13-15 s). Memory: the optimisation holds a few loss-grid tensors;
+at full resolution the inputs, ``u_net``, the resampled ``u_io``, the output and the
+warp's temporaries of the final composition: about 0.75 GB above the inputs at
 160x224x192, well under the network's own peak (the network's activations are freed before the
 optimisation starts).
 
@@ -80,6 +92,7 @@ the loss of every iteration at DEBUG.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -90,12 +103,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.networks.blocks import DVF2DDF, Warp
+from monai.networks.blocks import Warp
 from monai.utils import convert_to_tensor
 
 from .errors import InputError
 from .losses import grad_l2_loss, image_pyramid, local_ncc_loss
-from .network import INTEGRATION_STEPS
+from .network import INTEGRATION_STEPS, ScriptableDVF2DDF, ScriptableWarp
 
 __all__ = ["InstanceOptimizationInferer", "check_io_iterations", "resize_field", "level_window", "measure"]
 
@@ -107,6 +120,20 @@ MIN_VELOCITY_SIDE = 4
 COARSE_TO_FINE_RATIO = 4
 #: how the network's field enters (see the module docstring)
 IO_INITS = ("warm_start", "compose")
+#: the coarsest level an EOIR network can stop at (its pyramid has levels 0..4)
+MAX_NETWORK_LEVEL = 4
+
+
+def _takes_argument(fn: Callable, name: str) -> bool:
+    """Whether ``fn(...)`` (a module, a TorchScript module or a function) takes keyword ``name``."""
+    forward = getattr(fn, "forward", fn)
+    schema = getattr(forward, "schema", None)  # TorchScript method
+    if schema is not None:
+        return any(a.name == name for a in schema.arguments)
+    try:
+        return name in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        return False
 
 
 def check_io_iterations(value: Any) -> int:
@@ -196,6 +223,10 @@ class InstanceOptimizationInferer(Inferer):
         io_init: ``"compose"`` (``phi = phi_net o exp(v)``, ``v`` from 0) or ``"warm_start"``
             (``phi = exp(v)``, ``v`` started at the network's displacement resampled to the
             velocity grid): see the module docstring. Either way 0 iterations = the network.
+        io_network_level: with ``warm_start``, the finest pyramid level the network runs
+            (0-4; passed as ``finest_level`` to networks that take it): 0 = the whole
+            network; 1 (default) skips the full-resolution level, whose detail the warm start
+            does not read (see the module docstring).
 
     Attributes:
         last_stats: after a call with ``io_iterations > 0``: ``iterations``, ``stages``
@@ -222,6 +253,7 @@ class InstanceOptimizationInferer(Inferer):
         exact_gradient: bool = False,
         integration_steps: int = INTEGRATION_STEPS,
         io_init: str = "warm_start",
+        io_network_level: int = 1,
     ) -> None:
         super().__init__()
         if io_init not in IO_INITS:
@@ -235,12 +267,16 @@ class InstanceOptimizationInferer(Inferer):
         self.io_ncc_window = _check_int("io_ncc_window", io_ncc_window, 1, odd=True)
         self.exact_gradient = bool(exact_gradient)
         self.integration_steps = _check_int("integration_steps", integration_steps, 1)
+        if not (isinstance(io_network_level, numbers.Integral) and not isinstance(io_network_level, bool)
+                and 0 <= io_network_level <= MAX_NETWORK_LEVEL):
+            raise InputError(f"io_network_level must be an integer in 0..{MAX_NETWORK_LEVEL}, got {io_network_level!r}")
+        self.io_network_level = int(io_network_level)
         self.last_stats: dict | None = None
-        # fresh MONAI layers with zeros padding, like the network's (MONAI's default is "border")
-        with warnings.catch_warnings():  # "Using PyTorch native grid_sample": expected
-            warnings.simplefilter("ignore")
-            self.warp = Warp(mode="bilinear", padding_mode="zeros")
-            self.integrate = DVF2DDF(num_steps=self.integration_steps, mode="bilinear", padding_mode="zeros")
+        # the network's MONAI Warp / DVF2DDF layers (zeros padding; MONAI's default is "border"),
+        # sampling batch-1 volumes on two threads (the same values; see ScriptableWarp)
+        self.warp = ScriptableWarp(mode="bilinear", padding_mode="zeros", batch_split=True)
+        self.integrate = ScriptableDVF2DDF(num_steps=self.integration_steps, mode="bilinear", padding_mode="zeros",
+                                           batch_split=True)
 
     # ----------------------------------------------------------------------------------------
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -249,6 +285,9 @@ class InstanceOptimizationInferer(Inferer):
         if inputs.ndim != 5 or inputs.shape[1] != 2:
             raise ValueError("InstanceOptimizationInferer expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), "
                              f"got {tuple(inputs.shape)}")
+        level = self.io_network_level if self.io_init == "warm_start" else 0
+        if level and _takes_argument(network, "finest_level"):
+            kwargs = {**kwargs, "finest_level": level}
         with torch.no_grad():
             out = network(inputs, *args, **kwargs)
         u_net = out["ddf"] if isinstance(out, dict) else out
@@ -343,8 +382,6 @@ class InstanceOptimizationInferer(Inferer):
             u_io = self._velocity_to(v, shape, grad=False)
             ddf = u_io if warm else u_io + self.warp(u_net, u_io)
             del u_io, u_outer
-        self.warp.ref_grid = None  # MONAI keeps its last (full-size) reference grid: release it
-        self.integrate.warp_layer.ref_grid = None
         seconds = time.perf_counter() - start
         self.last_stats = {
             "iterations": self.io_iterations, "stages": stages, "loss_before": loss_before,

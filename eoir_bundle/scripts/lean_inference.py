@@ -864,12 +864,13 @@ def _choose_split(fraction: float, others: float, out: float, limit: float) -> i
 
 
 def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-          store_limit: float = 1.75) -> torch.Tensor:
+          store_limit: float = 1.75, finest_level: int = 0) -> torch.Tensor:
     """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
 
     The fixed features are kept ragged (only their non-background boxes), the moving ones
     dense (``grid_sample`` reads them anywhere). Each image's block-2 storage is the fastest
     that keeps the encoder's stored maps within ``store_limit`` N-channel full maps.
+    ``finest_level``: as ``EOIR.forward``'s (levels below it are not run).
     """
     ey = _Encoder(net, fixed, rows, skip_background)
     ex = _Encoder(net, moving, rows, skip_background)
@@ -893,9 +894,11 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
         del level
     _release_free_memory()
     u = None
-    for level in reversed(range(NUM_LEVELS)):
+    for level in reversed(range(finest_level, NUM_LEVELS)):
         if level == 1:
             xs[1], ys[1] = EOIR.downsample(xs[0]), _downsample_map(ys[0])
+        if level == finest_level:  # the finer features are not needed
+            xs[:level] = ys[:level] = [None] * level
         up_rows = None if u is None else (lambda r0, r1, u=u: _upsample_rows(u, r0, r1))
         v = _estimate(net.estimators[level], xs[level], ys[level], up_rows, rows, consume_y=level == 0)
         xs[level] = ys[level] = None  # this level's features are no longer needed
@@ -906,11 +909,13 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
             phi = torch.add(phi, w, out=w)
         u = phi
         _release_free_memory()
+    for _ in range(finest_level):
+        u = EOIR.upsample_field(u)
     return u
 
 
 def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-                 store_limit: float = 1.75) -> torch.Tensor:
+                 store_limit: float = 1.75, finest_level: int = 0) -> torch.Tensor:
     """``net.eval()(x)`` computed lean: ``x (B, 2, D0, D1, D2) = cat([moving, fixed], 1)`` -> ``ddf``.
 
     Args:
@@ -925,6 +930,8 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             default 1.75, LUMIR-like brains recompute the moving image's block 2; 2.25 stores
             it in 4 groups instead, measured no faster (57 s vs 56 s at full size) and
             0.15 GB bigger.
+        finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
+            0 = the whole network).
 
     Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode (an
     ordinary tensor: computed under ``torch.inference_mode()``, returned as a copy usable
@@ -932,6 +939,8 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
     """
     if x.ndim != 5 or x.shape[1] != 2:
         raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
+    if not 0 <= finest_level < NUM_LEVELS:
+        raise ValueError(f"finest_level must be in 0..{NUM_LEVELS - 1}, got {finest_level}")
     shape = x.shape[2:]
     pads = [(-s) % _DIVISOR for s in shape]
     with torch.inference_mode():
@@ -942,7 +951,7 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
         for b in range(x.shape[0]):
             xb = x[b].float()
             ddf = _pair(net, xb[0].contiguous(), xb[1].contiguous(), rows=rows, skip_background=skip_background,
-                        store_limit=store_limit)
+                        store_limit=store_limit, finest_level=finest_level)
             if any(pads):
                 ddf = ddf[(...,) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))].contiguous()
             out.append(ddf)
@@ -971,12 +980,13 @@ class LeanEOIR(nn.Module):
         self.net = EOIR(start_channel=start_channel) if net is None else net
         self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, finest_level: int = 0):
         if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
-            return self.net(x)  # training, gradients, or a GPU (where the plain path fits and is fast)
+            # training, gradients, or a GPU (where the plain path fits and is fast)
+            return self.net(x) if self.training else self.net(x, finest_level)
         x = x.as_tensor() if isinstance(x, MetaTensor) else x  # plain tensor: no per-op metadata bookkeeping
         return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
-                            store_limit=self.store_limit)
+                            store_limit=self.store_limit, finest_level=finest_level)
 
     def state_dict(self, *args, **kwargs):
         return self.net.state_dict(*args, **kwargs)
