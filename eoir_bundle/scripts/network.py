@@ -301,7 +301,8 @@ class MultiScaleOutputs(nn.Module):
     """Training view of an :class:`EOIR`: in training mode ``forward`` returns every level,
     ``{"ddf": u_0, "velocities": [v_0..v_4], "displacements": [u_0..u_4]}`` (level 0 first,
     each field in voxel units of its own level; sizes must be multiples of 16); in eval mode
-    it returns the ``ddf`` like the network itself, so one module serves a trainer and its
+    it returns the ``ddf`` like the network itself (``finest_level`` as in :meth:`EOIR.forward`;
+    training ignores it), so one module serves a trainer and its
     validation evaluator. It holds no parameters of its own: checkpoint ``net``.
     ``activation_checkpointing``: recompute activations in the backward pass instead of
     keeping them (see :meth:`EOIR.pyramid`); for full-size training on a small GPU.
