@@ -114,15 +114,19 @@ def test_warm_start_runs_the_network_down_to_io_network_level(ckpt, pair):
         calls.append(kwargs)
         return net(inputs, **kwargs)
 
+    def plain(inputs, **kwargs):  # a callable whose signature has no finest_level
+        calls.append(("plain", kwargs))
+        return net(inputs)
+
     spy.forward = net.forward  # what the inferer inspects: EOIR.forward takes finest_level
     kw = dict(io_iterations=20, io_level=0, io_levels=2)
     with torch.no_grad():
         short = InstanceOptimizationInferer(io_network_level=1, **kw)(x, spy)
         whole = InstanceOptimizationInferer(io_network_level=0, **kw)(x, spy)
         InstanceOptimizationInferer(io_network_level=1, io_init="compose", **kw)(x, spy)
-        InstanceOptimizationInferer(io_network_level=1, **kw)(x, lambda t: net(t))  # no finest_level: whole
+        InstanceOptimizationInferer(io_network_level=1, **kw)(x, lambda t: plain(t))
         skipped = float((net(x) - net(x, finest_level=1)).abs().max())
-    assert calls == [{"finest_level": 1}, {}, {}]
+    assert calls == [{"finest_level": 1}, {}, {}, ("plain", {})]
     assert skipped > 0.05  # level 0 does change the network's field
     (d_short, n_short, _), (d_whole, n_whole, _) = (_scores(x, ddf, *pair[1:]) for ddf in (short, whole))
     assert abs(d_short - d_whole) < 0.01 and abs(n_short - n_whole) < 0.01, (d_short, d_whole, n_short, n_whole)

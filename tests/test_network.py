@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from authors_reference import AuthorsEOIR
 
 from scripts.convert_checkpoint import convert_state_dict
@@ -167,15 +168,27 @@ def test_batch_split_warp_gives_the_plain_warps_values_and_gradients():
     ddf = (3 * torch.randn(1, 3, 8, 10, 6, generator=g))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    batches = []
+    sample = F.grid_sample
+
+    def counting_sample(img, *args, **kwargs):
+        batches.append(img.shape[0])
+        return sample(img, *args, **kwargs)
+
     try:
         results = []
         for split in (False, True):
             img, d = image.clone().requires_grad_(True), ddf.clone().requires_grad_(True)
-            out = ScriptableWarp(padding_mode="zeros", batch_split=split)(img, d)
+            F.grid_sample = counting_sample
+            try:
+                out = ScriptableWarp(padding_mode="zeros", batch_split=split)(img, d)
+            finally:
+                F.grid_sample = sample
             (out * torch.arange(out.numel()).view_as(out)).sum().backward()
             results.append((out, img.grad, d.grad))
     finally:
         torch.set_num_threads(threads)
+    assert batches == [1, 2]  # the split path did run, as a batch of two halves
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert results[0][2].abs().max() > 0  # the displacement does get a gradient

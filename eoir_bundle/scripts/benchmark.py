@@ -38,9 +38,12 @@ allocator took); an autocast field is compared with the float32 one.
 
 Output: a readable table, then, as the last line, JSON::
 
-    {"shape": [...], "start_channel": 32, "threads": 2,
-     "paths": {"reference": {"seconds": s, "peak_rss_gb": g, ...}, "lean": {...}},
+    {"device": "cpu", "shape": [...], "start_channel": 32, "threads": 2,
+     "paths": {"reference": {"seconds": s, "peak_rss_gb": g, "amp": "off", ...}, "lean": {...}},
      "ratio": {"time": lean/ref, "memory": lean/ref}, "max_abs_diff_voxels": d, ...}
+
+(on cuda the paths are ``reference``, ``reference+bf16`` ..., each with ``peak_allocated_gb``,
+``peak_reserved_gb`` and ``gpu``; ``ratio`` is null)
 """
 
 from __future__ import annotations
@@ -233,7 +236,9 @@ def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path,
     env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
-        raise RuntimeError(f"benchmark worker '{path}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise SystemExit(f"benchmark worker '{name}' failed (exit {proc.returncode}): "
+                         f"{lines[-1] if lines else 'no error output'}")
     result = json.loads(result_file.read_text())
     result["field_file"] = str(field_file)
     return result
@@ -259,9 +264,9 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_device(args: argparse.Namespace) -> list[str]:
+def _check_device(args: argparse.Namespace, paths: list[str]) -> list[str]:
     """The ``--amp`` settings to run; a clear exit for what cannot run here."""
-    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+    amps = list(dict.fromkeys(a.strip() for a in args.amp.split(",") if a.strip()))  # unique, in order
     if not amps or any(a not in AMP_DTYPES for a in amps):
         raise SystemExit(f"--amp takes a comma-separated subset of {','.join(AMP_DTYPES)}, got {args.amp!r}")
     if args.device == "cpu":
@@ -272,20 +277,22 @@ def _check_device(args: argparse.Namespace) -> list[str]:
 
     if not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
-    if args.paths != "reference":
+    if paths != ["reference"]:
         raise SystemExit("--device cuda measures --paths reference only: the lean path is CPU inference "
                          "(LeanEOIR runs EOIR.forward on a GPU)")
+    if "bf16" in amps and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"--amp bf16: {torch.cuda.get_device_name()} does not support bfloat16")
     return amps
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     if args.paths is None:
         args.paths = "reference" if args.device == "cuda" else ",".join(PATHS)
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    paths = list(dict.fromkeys(p.strip() for p in args.paths.split(",") if p.strip()))
     unknown = sorted(set(paths) - set(PATHS))
     if unknown or not paths:
         raise SystemExit(f"--paths takes a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
-    amps = _check_device(args)
+    amps = _check_device(args, paths)
     with tempfile.TemporaryDirectory(prefix="eoir_bench_") as tmp_name:
         tmp = Path(tmp_name)
         vols, kind = make_input(args.shape, args.input, args.seed)

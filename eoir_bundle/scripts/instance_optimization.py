@@ -28,7 +28,7 @@ is ``exp(v)`` alone and ``v`` starts at the network's displacement resampled to 
 deformation as its starting point but is not tied to the network's fine-scale errors, which a
 smooth ``v`` composed with ``phi_net`` cannot undo. Measured on a held-out synthetic pair with
 the shipped weights (``python -m scripts.compare_methods``, docs/README.md): compose, 50
-iterations, Dice 0.862; warm start 25 iterations 0.914, 50 iterations 0.917 (ANTs SyN 0.907).
+iterations, Dice 0.865; warm start 25 iterations 0.914, 50 iterations 0.917 (ANTs SyN 0.907).
 With a network as good as the pairs need, ``compose`` keeps its fine detail; choose by
 measuring on your data.
 
@@ -37,7 +37,7 @@ input grid at the defaults), so the network need not run its finest levels: with
 ``io_network_level = k`` the inferer calls ``network(inputs, finest_level=k)`` (``EOIR``'s
 argument: the coarse-to-fine levels stop at level ``k``, whose field is upsampled), when the
 network's ``forward`` takes ``finest_level``, else ``network(inputs)``. The full-resolution
-level 0 is most of the network's time on a CPU (N=16, 160x224x192, 2 cores: 9-15 s to level 1
+level 0 is most of the network's time on a CPU (N=16, 160x224x192, 2 cores: 11-16 s to level 1
 instead of 22-32 s for the whole network), and on the held-out pairs of docs/README.md IO
 reaches the same Dice from either start (to 0.0001). ``compose`` and ``io_iterations = 0``
 always run the whole network.
@@ -79,8 +79,8 @@ the integration are the network's MONAI-derived layers with ``batch_split=True``
 CPU sampler uses one thread per batch item; the two halves of a volume go as a batch of two:
 the same values, about 1.3x faster IO on 2 cores). Measured on the held-out 160x224x192 pairs of
 docs/README.md, 2 CPU cores, nothing else running (``python -m scripts.compare_methods``): the
-defaults (50 iterations) take 7-10 s per pair without the network (25 iterations: 5-6 s; 100:
-13-15 s). Memory: the optimisation holds a few loss-grid tensors;
+defaults (50 iterations) take 6-9 s per pair without the network (25 iterations: 4-6 s; 100:
+14-15 s). Memory: the optimisation holds a few loss-grid tensors;
 at full resolution the inputs, ``u_net``, the resampled ``u_io``, the output and the
 warp's temporaries of the final composition: about 0.75 GB above the inputs at
 160x224x192, well under the network's own peak (the network's activations are freed before the
@@ -286,6 +286,8 @@ class InstanceOptimizationInferer(Inferer):
             raise ValueError("InstanceOptimizationInferer expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), "
                              f"got {tuple(inputs.shape)}")
         level = self.io_network_level if self.io_init == "warm_start" else 0
+        if min(inputs.shape[2:]) < 4:  # too small to optimise: the whole network's field is returned
+            level = 0
         if level and _takes_argument(network, "finest_level"):
             kwargs = {**kwargs, "finest_level": level}
         with torch.no_grad():

@@ -56,8 +56,8 @@ class ScriptableWarp(Warp):
 
     ``batch_split=True``: a 3D warp of batch 1 on a CPU with 2+ threads samples the two halves of
     axis 1 as a batch of two (the image expanded, not copied), because PyTorch's 3D CPU
-    sampler parallelises over the batch only: the same values bit for bit, gradients included,
-    up to twice as fast (used by instance optimisation; the network keeps the plain call).
+    sampler parallelises over the batch only: the same values bit for bit (the image's gradient
+    sums the two halves in another order: equal up to rounding), up to twice as fast (used by instance optimisation; the network keeps the plain call).
     """
 
     def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros", batch_split: bool = False) -> None:
