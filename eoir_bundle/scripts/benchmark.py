@@ -264,6 +264,14 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def require_cuda() -> None:
+    """Exit with one line when torch sees no CUDA device (for ``--device cuda``)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+
+
 def _check_device(args: argparse.Namespace, paths: list[str]) -> list[str]:
     """The ``--amp`` settings to run; a clear exit for what cannot run here."""
     amps = list(dict.fromkeys(a.strip() for a in args.amp.split(",") if a.strip()))  # unique, in order
@@ -273,10 +281,9 @@ def _check_device(args: argparse.Namespace, paths: list[str]) -> list[str]:
         if amps != ["off"]:
             raise SystemExit("--amp bf16/fp16 is measured on --device cuda only (on a CPU the lean float32 path is the one to use)")
         return amps
+    require_cuda()
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
     if paths != ["reference"]:
         raise SystemExit("--device cuda measures --paths reference only: the lean path is CPU inference "
                          "(LeanEOIR runs EOIR.forward on a GPU)")

@@ -30,9 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .benchmark import BUNDLE_ROOT, _max_rss_gb, build_network, make_input, parse_shape
-
-AMP_DTYPES = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
+from .benchmark import AMP_DTYPES, BUNDLE_ROOT, _max_rss_gb, build_network, make_input, parse_shape, require_cuda
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -107,10 +105,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+        require_cuda()
     report = {"shape": list(args.shape), "start_channel": args.start_channel, "threads": args.threads,
               "device": args.device, "steps": args.steps, "warmup": args.warmup, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="eoir_train_bench_") as tmp_name:
