@@ -39,3 +39,26 @@ def test_cli_scores_network_io_variants_and_ants(data, tmp_path):
     for name in ("network+io20", "io20 from zero (no network)", "ants_SyNOnly"):
         assert mean[name]["dice"] > mean["zero"]["dice"] + 0.02, (name, mean[name]["dice"], mean["zero"]["dice"])
     assert "| network+io20 |" in res.stdout  # the Markdown table
+
+
+def test_cli_device_cuda(data, tmp_path):
+    """``--device cuda`` runs the network and IO on the GPU where there is one, else exits in one line."""
+    import torch
+
+    out = tmp_path / "compare_cuda.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.compare_methods", "--dataset_dir", str(data), "--ckpt", str(data / "m8.pt"),
+         "--io_iterations", "0,20", "--extra_io_iterations", "", "--ants", "", "--device", "cuda",
+         "--output", str(out)],
+        cwd=BUNDLE, capture_output=True, text=True,
+    )
+    if not torch.cuda.is_available():
+        assert res.returncode != 0 and not out.exists()
+        assert "--device cuda: torch" in res.stderr and "sees no CUDA device here" in res.stderr
+        assert "Traceback" not in res.stderr
+        return
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"].startswith("cuda") and set(doc["mean"]) == {"zero", "network", "network+io20"}
+    assert doc["mean"]["network+io20"]["dice"] > doc["mean"]["zero"]["dice"] + 0.02
+    assert doc["mean"]["network+io20"]["ndv"] < 0.01

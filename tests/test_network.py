@@ -103,6 +103,23 @@ def test_odd_sizes_are_padded_and_cropped():
     assert torch.isfinite(ddf).all()
 
 
+
+def test_fields_stay_float32_under_autocast():
+    """Mixed precision (train.json ``amp``): the convolutions run in bf16, but each level's
+    velocity is integrated and composed in float32, so the field stays near the float32 one."""
+    authors = _authors_model(8)
+    net = EOIR(start_channel=8).eval()
+    net.load_state_dict(convert_state_dict(authors.state_dict())[0])
+    moving, fixed = _pair()
+    with torch.no_grad():
+        ref = net(torch.cat([moving, fixed], 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net.pyramid(moving, fixed)
+            ddf = net(torch.cat([moving, fixed], 1))
+    assert all(t.dtype == torch.float32 for t in out["velocities"] + out["displacements"])
+    assert ref.abs().max() > 2.0  # fields of several voxels, so the bound below means something
+    assert ddf.dtype == torch.float32 and (ddf - ref).abs().max() < 0.1 * ref.abs().max()
+
 @pytest.mark.parametrize("finest_level", [1, 2])
 def test_finest_level_is_the_network_with_zero_finer_velocities(finest_level):
     """``forward(x, finest_level=k)`` = the whole network whose levels below ``k`` estimate zero

@@ -2,7 +2,7 @@
 
     python -m scripts.compare_methods --dataset_dir D [--data_list_file_path D/LUMIR_dataset.json] \\
         [--ckpt models/model.pt] [--io_iterations 0,25,50,100] [--ants SyNOnly] [--threads 2] \\
-        [--max_pairs 0] [--output results.json]
+        [--max_pairs 0] [--device cpu|cuda] [--output results.json]
 
 Pairs: those of the dataset JSON that have label maps (``labels*/``) and landmark volumes
 (``landmarks*/``) beside their images, as ``configs/evaluate.json`` scores them
@@ -23,6 +23,11 @@ Methods, each timed on its own (wall clock, ``--threads`` threads, data already 
   ``antspyx`` (``SyNOnly``: deformable SyN only, the images being affinely aligned already),
   its forward transforms composed by ANTs into one displacement field and read back as a disp
   on the fixed grid (:mod:`scripts.geometry`).
+
+GPU (``--device cuda``): the network (``EOIR.forward``, what inference runs on a GPU) and IO
+run on the GPU, timed between ``torch.cuda.synchronize()`` calls; before the first pair, one
+untimed network run and one short IO run warm up CUDA (context, cuDNN, kernels), so every pair
+is timed as a pair in a longer run is. ANTs still runs on ``--threads`` CPU threads.
 
 Metrics (:func:`scripts.registration_metrics.evaluate_pair`, the LUMIR definitions): Dice and
 HD95 over the labels present in the fixed or moving map, TRE on the landmark volumes, NDV
@@ -85,28 +90,45 @@ def inference_settings(config: Path = BUNDLE_ROOT / "configs" / "inference.json"
 
 
 class NetworkMethod:
-    """The default inference path: lean CPU network, then instance optimisation."""
+    """The default inference path: the network (lean on a CPU), then instance optimisation."""
 
-    def __init__(self, ckpt: str, io_budgets: list[int], extra_budgets: list[int] = ()):
+    def __init__(self, ckpt: str, io_budgets: list[int], extra_budgets: list[int] = (), device: str = "cpu"):
         from .checkpoint import load_weights, read_checkpoint, start_channel_of
         from .lean_inference import LeanEOIR
         from .network import EOIR
 
         n = start_channel_of(read_checkpoint(ckpt))
-        self.net = LeanEOIR(load_weights(EOIR(start_channel=n), ckpt)).eval()
+        self.device = torch.device(device)
+        self.net = LeanEOIR(load_weights(EOIR(start_channel=n), ckpt)).eval().to(self.device)
         self.start_channel, self.io_budgets, self.settings = n, io_budgets, inference_settings()
         self.extra_budgets = list(extra_budgets)
+        self.warmed_up = self.device.type == "cpu"  # CPU: the first call's cost is part of the timing
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _warm_up(self, x: torch.Tensor) -> None:
+        """One untimed network run and a short IO run (CUDA context, cuDNN, kernels)."""
+        from .instance_optimization import InstanceOptimizationInferer
+
+        with torch.no_grad():
+            InstanceOptimizationInferer(io_iterations=5, **self.settings)(x, self.net)
+        self.warmed_up = True
 
     def run(self, pair: dict) -> dict[str, tuple[np.ndarray, float]]:
         from .instance_optimization import InstanceOptimizationInferer
 
-        x = torch.tensor(np.stack([pair["moving"], pair["fixed"]])[None], dtype=torch.float32) / 255.0
+        x = torch.tensor(np.stack([pair["moving"], pair["fixed"]])[None], dtype=torch.float32).to(self.device) / 255.0
+        if not self.warmed_up:
+            self._warm_up(x)
 
         def network(finest_level: int):
-            start = time.perf_counter()
+            start = self._clock()
             with torch.no_grad():
                 u = self.net(x, finest_level=finest_level)
-            return u, time.perf_counter() - start
+            return u, self._clock() - start
 
         # what each io_init starts from: warm start runs the network down to io_network_level only
         # (first, so that the default's time carries any first-call cost; then the whole network)
@@ -125,11 +147,11 @@ class NetworkMethod:
             runs.append((f"io{k} from zero (no network)", k, {"io_init": "compose"}, torch.zeros_like(u_net), 0.0))
         for name, k, change, u_start, t_start in runs:
             inferer = InstanceOptimizationInferer(io_iterations=k, **{**self.settings, **change})
-            start = time.perf_counter()
+            start = self._clock()
             with torch.no_grad():
                 ddf = inferer(x, lambda _x, u=u_start: u)  # the network's field, computed (and timed) once
-            results[name] = (ddf, t_start + time.perf_counter() - start)
-        return {k: (ddf[0].permute(1, 2, 3, 0).numpy(), t) for k, (ddf, t) in results.items()}
+            results[name] = (ddf, t_start + self._clock() - start)
+        return {k: (ddf[0].permute(1, 2, 3, 0).cpu().numpy(), t) for k, (ddf, t) in results.items()}
 
 
 class AntsMethod:
@@ -160,20 +182,30 @@ class AntsMethod:
         return np.moveaxis(disp, 0, -1), seconds
 
 
+def _device_name(device: torch.device) -> str:
+    import platform
+
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
 def _mean(rows: list[dict], method: str) -> dict:
     values = {m: [r[method][m] for r in rows if m in r[method]] for m in METRICS}
     return {m: float(np.mean(v)) for m, v in values.items() if v}
 
 
 def compare(dataset_dir: str, data_list_file_path: str = "", ckpt: str = "", io_budgets=(0, 25, 50, 100),
-            ants_transform: str = "SyNOnly", threads: int = 2, max_pairs: int = 0, extra_budgets=(50,)) -> dict:
+            ants_transform: str = "SyNOnly", threads: int = 2, max_pairs: int = 0, extra_budgets=(50,),
+            device: str = "cpu") -> dict:
     from .data import evaluation_pairs
 
     torch.set_num_threads(threads)
     data_json = data_list_file_path or str(Path(dataset_dir) / "LUMIR_dataset.json")
     items = evaluation_pairs(data_json, dataset_dir)
     items = items[:max_pairs] if max_pairs else items
-    network = NetworkMethod(ckpt or str(BUNDLE_ROOT / "models" / "model.pt"), list(io_budgets), list(extra_budgets))
+    network = NetworkMethod(ckpt or str(BUNDLE_ROOT / "models" / "model.pt"), list(io_budgets), list(extra_budgets),
+                            device)
     ants_method = AntsMethod(ants_transform) if ants_transform else None
     rows, start = [], time.perf_counter()
     for i, item in enumerate(items):
@@ -191,6 +223,7 @@ def compare(dataset_dir: str, data_list_file_path: str = "", ckpt: str = "", io_
                  elapsed / (i + 1) * (len(items) - i - 1))
     methods = [k for k, v in rows[0].items() if isinstance(v, dict)]
     return {"dataset_dir": str(dataset_dir), "start_channel": network.start_channel, "threads": threads,
+            "device": _device_name(network.device),
             "io_settings": network.settings, "pairs": rows, "mean": {m: _mean(rows, m) for m in methods}}
 
 
@@ -214,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ants", default="SyNOnly", help="antspyx type_of_transform; empty to skip ANTs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max_pairs", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the network and IO run (ANTs runs on the CPU)")
     parser.add_argument("--output", default="")
     args = parser.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))  # before ants is imported
@@ -223,8 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
         extra = [int(b) for b in args.extra_io_iterations.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--io_iterations: expected comma-separated integers, got {args.io_iterations!r}") from None
+    if args.device == "cuda":
+        from .benchmark import require_cuda
+
+        require_cuda()
     result = compare(args.dataset_dir, args.data_list_file_path, args.ckpt, budgets, args.ants, args.threads,
-                     args.max_pairs, extra)
+                     args.max_pairs, extra, args.device)
     result["command"] = "python -m scripts.compare_methods " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     print(table(result))
     if args.output:

@@ -222,7 +222,10 @@ class EOIR(nn.Module):
         upsampled coarser field ``up`` (None at the coarsest level)."""
         if up is not None:
             x = self.warp(x, up)
+        # at least float32 from here on: under autocast the convolutions give bf16/fp16, and
+        # integrating or composing fields in those would cost up to voxels of accuracy
         v = self.estimate(level, x, y)
+        v = v.to(torch.promote_types(v.dtype, torch.float32))
         u = self.integrate(v)
         if up is not None:
             u = u + self.warp(up, u)
