@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.lean_inference import FULL, EMPTY, LeanEOIR, _Encoder, _RowStream, encode, lean_forward
+from scripts import lean_inference
+from scripts.lean_inference import FULL, EMPTY, LeanEOIR, _Encoder, _RowStream, default_store_limit, encode, lean_forward
 from scripts.network import EOIR
 
 
@@ -80,6 +81,22 @@ def test_finest_level_same_as_reference(finest_level):
     with torch.no_grad():
         assert (LeanEOIR(net).eval()(x, finest_level=finest_level) - ref).abs().max().item() < 1e-4
 
+
+def test_default_store_limit_is_a_byte_budget(monkeypatch):
+    """The encoders' storage budget is the same bytes whatever N: smaller networks store the
+    moving image's block 2 instead of recomputing it; an explicit ``store_limit`` still rules."""
+    assert default_store_limit(32) == default_store_limit(64) == 1.75
+    assert default_store_limit(16) == 3.5 and default_store_limit(8) == 7.0
+    splits = []
+    real = lean_inference.encode
+    monkeypatch.setattr(lean_inference, "encode", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
+    net, x = _net(8), _brain()
+    with torch.no_grad():
+        ref = net(x)
+    for limit, expected in ((None, [1, 1]), (0.5, [1, 0])):  # [fixed (at least 2 maps), moving]
+        splits.clear()
+        ddf = lean_forward(net, x, store_limit=limit)
+        assert splits == expected and (ddf - ref).abs().max().item() < 1e-4
 
 def test_background_boxes_are_found():
     boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes

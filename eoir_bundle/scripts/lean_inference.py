@@ -106,6 +106,9 @@ _DIVISOR = 2 ** (NUM_LEVELS - 1)
 FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero background)
 EMPTY = "empty"  # a box: nothing but background
 _SNAP = 16  # box corners are multiples of this
+# the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 the
+# peak of the whole path is then about 2.45 GB; smaller networks get the same bytes (more maps)
+STORE_LIMIT_32 = 1.75
 
 
 # =========================================================================================
@@ -863,8 +866,15 @@ def _choose_split(fraction: float, others: float, out: float, limit: float) -> i
     return 0
 
 
+def default_store_limit(start_channel: int) -> float:
+    """``store_limit`` in ``N``-channel maps for the same bytes as ``STORE_LIMIT_32`` 32-channel
+    maps (``N >= 32``: ``STORE_LIMIT_32``). At N=16 it is 3.5 maps: the moving image's
+    block 2 is then stored instead of recomputed on LUMIR-like brains (-1.2 s per pair)."""
+    return STORE_LIMIT_32 * max(1.0, 32.0 / start_channel)
+
+
 def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-          store_limit: float = 1.75, finest_level: int = 0) -> torch.Tensor:
+          store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
     """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
 
     The fixed features are kept ragged (only their non-background boxes), the moving ones
@@ -874,6 +884,8 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
     """
     ey = _Encoder(net, fixed, rows, skip_background)
     ex = _Encoder(net, moving, rows, skip_background)
+    if store_limit is None:
+        store_limit = default_store_limit(ey.n)
     fy, fx = ey.stored_fraction(), ex.stored_fraction()
     split_y = _choose_split(fy, 0.0, fy, max(store_limit, 2.0))
     split_x = _choose_split(fx, fy, 1.0, store_limit)
@@ -915,7 +927,7 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
 
 
 def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-                 store_limit: float = 1.75, finest_level: int = 0) -> torch.Tensor:
+                 store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
     """``net.eval()(x)`` computed lean: ``x (B, 2, D0, D1, D2) = cat([moving, fixed], 1)`` -> ``ddf``.
 
     Args:
@@ -926,10 +938,11 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
         store_limit: how many ``N``-channel full-size maps the moving image's encoder may
             hold at once (the fixed features, kept ragged, the moving ones being made, and
             block-2 buffers); more allows less recomputation. The fixed image, encoded
-            first, may use ``max(store_limit, 2)`` (level 0 holds two maps anyway). At the
-            default 1.75, LUMIR-like brains recompute the moving image's block 2; 2.25 stores
-            it in 4 groups instead, measured no faster (57 s vs 56 s at full size) and
-            0.15 GB bigger.
+            first, may use ``max(store_limit, 2)`` (level 0 holds two maps anyway). Default
+            (None): :func:`default_store_limit`, a fixed number of bytes (1.75 maps at N=32,
+            3.5 at N=16). At N=32 (1.75), LUMIR-like brains recompute the moving image's block 2;
+            2.25 stores it in 4 groups instead, measured no faster (57 s vs 56 s at full size)
+            and 0.15 GB bigger. At N=16 (3.5) it is stored whole: 4.3 s instead of 5.5 s.
         finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
             0 = the whole network).
 
@@ -975,7 +988,7 @@ class LeanEOIR(nn.Module):
     """
 
     def __init__(self, net: EOIR | None = None, *, start_channel: int = 32, rows: int = 2,
-                 skip_background: bool = True, store_limit: float = 1.75):
+                 skip_background: bool = True, store_limit: float | None = None):
         super().__init__()
         self.net = EOIR(start_channel=start_channel) if net is None else net
         self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
