@@ -103,7 +103,6 @@ def test_odd_sizes_are_padded_and_cropped():
     assert torch.isfinite(ddf).all()
 
 
-
 def test_fields_stay_float32_under_autocast():
     """Mixed precision (train.json ``amp``): the convolutions run in bf16, but each level's
     velocity is integrated and composed in float32, so the field stays near the float32 one."""
@@ -119,6 +118,22 @@ def test_fields_stay_float32_under_autocast():
     assert all(t.dtype == torch.float32 for t in out["velocities"] + out["displacements"])
     assert ref.abs().max() > 2.0  # fields of several voxels, so the bound below means something
     assert ddf.dtype == torch.float32 and (ddf - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_models_in_other_precisions(dtype):
+    """A network cast to bf16 runs (its fields in float32); one in float64 stays float64."""
+    authors = _authors_model(8)
+    net = EOIR(start_channel=8).eval()
+    net.load_state_dict(convert_state_dict(authors.state_dict())[0])
+    x = torch.cat(_pair(), 1)
+    with torch.no_grad():
+        ref = net(x)
+        ddf = net.to(dtype)(x.to(dtype))
+    assert ddf.dtype == torch.promote_types(dtype, torch.float32)
+    bound = 1e-3 if dtype == torch.float64 else 0.1 * ref.abs().max()  # float64: float32's rounding
+    assert (ddf.float() - ref).abs().max() < bound
+
 
 @pytest.mark.parametrize("finest_level", [1, 2])
 def test_finest_level_is_the_network_with_zero_finer_velocities(finest_level):

@@ -8,11 +8,12 @@ Pairs: those of the dataset JSON that have label maps (``labels*/``) and landmar
 (``landmarks*/``) beside their images, as ``configs/evaluate.json`` scores them
 (:func:`scripts.data.evaluation_pairs`); images are LUMIR-style (uint8, one grid).
 
-Methods, each timed on its own (wall clock, ``--threads`` threads, data already in memory):
+Methods, each timed on its own (wall clock, data already in memory; on the CPU ``--threads``
+threads, on ``--device cuda`` see below):
 
 * ``zero``: no displacement (the pair's starting point);
 * ``network`` and ``network+io{K}``: the default inference path of ``configs/inference.json``
-  (the lean CPU network, then :class:`~scripts.instance_optimization.InstanceOptimizationInferer`
+  (the network, lean on a CPU, then :class:`~scripts.instance_optimization.InstanceOptimizationInferer`
   with that config's IO settings and ``K`` iterations; ``K = 0`` is the network alone). The
   network runs once per pair (and, first, down to ``io_network_level`` for the warm start,
   as the inference config does); a ``network+io{K}`` time is that network run's plus its IO time;
@@ -26,8 +27,9 @@ Methods, each timed on its own (wall clock, ``--threads`` threads, data already 
 
 GPU (``--device cuda``): the network (``EOIR.forward``, what inference runs on a GPU) and IO
 run on the GPU, timed between ``torch.cuda.synchronize()`` calls; before the first pair, one
-untimed network run and one short IO run warm up CUDA (context, cuDNN, kernels), so every pair
-is timed as a pair in a longer run is. ANTs still runs on ``--threads`` CPU threads.
+untimed network run and one untimed IO run of the largest budget warm up CUDA (context,
+cuDNN, kernels, the caching allocator), so that the first pair is timed like the later ones.
+ANTs still runs on ``--threads`` CPU threads.
 
 Metrics (:func:`scripts.registration_metrics.evaluate_pair`, the LUMIR definitions): Dice and
 HD95 over the labels present in the fixed or moving map, TRE on the landmark volumes, NDV
@@ -110,11 +112,13 @@ class NetworkMethod:
         return time.perf_counter()
 
     def _warm_up(self, x: torch.Tensor) -> None:
-        """One untimed network run and a short IO run (CUDA context, cuDNN, kernels)."""
+        """One untimed network run and IO run of the largest budget (CUDA context, cuDNN,
+        kernels, the caching allocator at its largest)."""
         from .instance_optimization import InstanceOptimizationInferer
 
+        iterations = max([1, *self.io_budgets, *self.extra_budgets])
         with torch.no_grad():
-            InstanceOptimizationInferer(io_iterations=5, **self.settings)(x, self.net)
+            InstanceOptimizationInferer(io_iterations=iterations, **self.settings)(x, self.net)
         self.warmed_up = True
 
     def run(self, pair: dict) -> dict[str, tuple[np.ndarray, float]]:

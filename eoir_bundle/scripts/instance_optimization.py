@@ -37,7 +37,7 @@ input grid at the defaults), so the network need not run its finest levels: with
 ``io_network_level = k`` the inferer calls ``network(inputs, finest_level=k)`` (``EOIR``'s
 argument: the coarse-to-fine levels stop at level ``k``, whose field is upsampled), when the
 network's ``forward`` takes ``finest_level``, else ``network(inputs)``. The full-resolution
-level 0 is most of the network's time on a CPU (N=16, 160x224x192, 2 cores: 11-13 s to level 1
+level 0 is most of the network's time on a CPU (N=16, 160x224x192, 2 cores: 11-14 s to level 1
 instead of 22-32 s for the whole network), and on the held-out pairs of docs/README.md IO
 reaches the same Dice from either start (to 0.0001). ``compose`` and ``io_iterations = 0``
 always run the whole network.

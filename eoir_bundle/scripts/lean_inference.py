@@ -107,7 +107,7 @@ FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero 
 EMPTY = "empty"  # a box: nothing but background
 _SNAP = 16  # box corners are multiples of this
 # the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 the
-# peak of the whole path is then about 2.45 GB; smaller networks get the same bytes (more maps)
+# peak of the whole path is then about 2.4-2.45 GB (inference command / benchmark); smaller networks get the same bytes (more maps)
 STORE_LIMIT_32 = 1.75
 
 
@@ -869,7 +869,7 @@ def _choose_split(fraction: float, others: float, out: float, limit: float) -> i
 def default_store_limit(start_channel: int) -> float:
     """``store_limit`` in ``N``-channel maps for the same bytes as ``STORE_LIMIT_32`` 32-channel
     maps (``N >= 32``: ``STORE_LIMIT_32``). At N=16 it is 3.5 maps: the moving image's
-    block 2 is then stored instead of recomputed on LUMIR-like brains (-1.2 s per pair)."""
+    block 2 is then stored instead of recomputed on LUMIR-like brains (about -1.3 s per pair)."""
     return STORE_LIMIT_32 * max(1.0, 32.0 / start_channel)
 
 
@@ -942,7 +942,7 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             (None): :func:`default_store_limit`, a fixed number of bytes (1.75 maps at N=32,
             3.5 at N=16). At N=32 (1.75), LUMIR-like brains recompute the moving image's block 2;
             2.25 stores it in 4 groups instead, measured no faster (57 s vs 56 s at full size)
-            and 0.15 GB bigger. At N=16 (3.5) it is stored whole: 4.3 s instead of 5.5 s.
+            and 0.15 GB bigger. At N=16 (3.5) it is stored whole: about 1.3 s faster per pair.
         finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
             0 = the whole network).
 

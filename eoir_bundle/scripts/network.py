@@ -220,10 +220,11 @@ class EOIR(nn.Module):
                    up: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """One pyramid level: ``(v, u)`` from features ``x`` (moving), ``y`` (fixed) and the
         upsampled coarser field ``up`` (None at the coarsest level)."""
-        if up is not None:
-            x = self.warp(x, up)
-        # at least float32 from here on: under autocast the convolutions give bf16/fp16, and
-        # integrating or composing fields in those would cost up to voxels of accuracy
+        if up is not None:  # sampled in the field's precision, handed on in the features'
+            x = self.warp(x.to(up.dtype), up).to(x.dtype)
+        # fields in at least float32 from here on: under autocast (or in a half-precision
+        # model) the convolutions give bf16/fp16, and integrating or composing fields in
+        # those would cost up to voxels of accuracy
         v = self.estimate(level, x, y)
         v = v.to(torch.promote_types(v.dtype, torch.float32))
         u = self.integrate(v)
