@@ -28,7 +28,8 @@ threads, on ``--device cuda`` see below):
 GPU (``--device cuda``): the network (``EOIR.forward``, what inference runs on a GPU) and IO
 run on the GPU, timed between ``torch.cuda.synchronize()`` calls; before the first pair, one
 untimed network run and one untimed IO run of the largest budget warm up CUDA (context,
-cuDNN, kernels, the caching allocator), so that the first pair is timed like the later ones.
+cuDNN, kernels, the caching allocator), to keep CUDA's first-use costs out of the first pair's
+timing (on an H200 the first pair's IO times were still up to 2x the later pairs').
 ANTs still runs on ``--threads`` CPU threads.
 
 Metrics (:func:`scripts.registration_metrics.evaluate_pair`, the LUMIR definitions): Dice and
