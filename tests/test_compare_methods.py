@@ -5,17 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import BUNDLE, tiny_checkpoint
-
-from scripts.make_synthetic_lumir import make_dataset
+from helpers import BUNDLE, tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("comparedata")
-    make_dataset(root, subjects=1, seed=21, shape=(32, 48, 48), val_subjects=2)
-    tiny_checkpoint(root / "m8.pt")
-    return root
+    return tiny_dataset(tmp_path_factory.mktemp("comparedata"), subjects=1, seed=21, val_subjects=2)
 
 
 def test_cli_scores_network_io_variants_and_ants(data, tmp_path):

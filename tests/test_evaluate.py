@@ -4,20 +4,16 @@ import json
 
 import numpy as np
 import pytest
-from helpers import BUNDLE, run_workflow, tiny_checkpoint
+from helpers import BUNDLE, run_workflow, tiny_dataset
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from scripts.lumir_metrics import run as lumir_metrics_run
-from scripts.make_synthetic_lumir import make_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaldata")
-    make_dataset(root, subjects=2, seed=11, shape=(32, 48, 48), val_subjects=3)
-    tiny_checkpoint(root / "m8.pt")
-    return root
+    return tiny_dataset(tmp_path_factory.mktemp("evaldata"), subjects=2, seed=11, val_subjects=3)
 
 
 def test_evaluate_reports_the_official_metrics(data, tmp_path):

@@ -107,7 +107,7 @@ FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero 
 EMPTY = "empty"  # a box: nothing but background
 _SNAP = 16  # box corners are multiples of this
 # the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 the
-# peak of the whole path is then about 2.4-2.45 GB (inference command / benchmark); smaller networks get the same bytes (more maps)
+# whole path then peaks at about 2.4-2.45 GB; smaller networks get the same bytes (more maps)
 STORE_LIMIT_32 = 1.75
 
 
