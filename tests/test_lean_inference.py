@@ -162,11 +162,19 @@ def test_benchmark_cli_small(bundle_root):
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["shape"] == [32, 32, 32] and report["start_channel"] == 8 and report["threads"] == 1
-    for path in ("reference", "lean"):
+    for path in ("reference", "lean", "authors"):  # the authors' layout too: 32 is a multiple of 16
         assert report["paths"][path]["seconds"] > 0
         assert report["paths"][path]["peak_rss_gb"] > 0
-    assert set(report["ratio"]) == {"time", "memory"}
+    assert set(report["ratio"]) == set(report["ratio_authors"]) == {"time", "memory"}
+    assert set(report["max_abs_diff_voxels_per_path"]) == {"lean", "authors"}
     assert report["max_abs_diff_voxels"] < 1e-4
+
+
+def test_benchmark_cli_authors_layout_needs_multiples_of_16(bundle_root):
+    res = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--paths", "authors", "--shape", "30,32,32"],
+                         cwd=bundle_root, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "needs a --shape of multiples of 16" in res.stderr
 
 
 def test_benchmark_cli_gpu_option(bundle_root):

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from authors_reference import AuthorsEOIR
 
+from scripts.authors_layout import AuthorsEOIR, from_eoir
 from scripts.convert_checkpoint import convert_state_dict
 from scripts.network import EOIR, MultiScaleOutputs, ScriptableWarp
 
@@ -44,6 +44,22 @@ def test_same_field_as_authors_model(n):
         ddf = net(torch.cat([moving, fixed], 1))
     assert ref.abs().max() > 1.0, "the test field should move voxels by more than one voxel"
     assert (ddf - ref).abs().max().item() < 1e-4
+
+
+def test_from_eoir_is_the_inverse_mapping():
+    """The benchmark's ``authors`` path gets an ``EOIR``'s weights, and with them its field."""
+    authors = _authors_model(8)
+    state, _ = convert_state_dict(authors.state_dict())
+    net = EOIR(start_channel=8).eval()
+    net.load_state_dict(state)
+    back = from_eoir(net, SIZE)
+    for key, value in authors.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    moving, fixed = _pair()
+    with torch.no_grad():
+        assert (back(moving, fixed) - net(torch.cat([moving, fixed], 1))).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="multiples of 16"):
+        from_eoir(net, (30, 48, 32))
 
 
 def test_no_grid_buffers_and_parameter_counts():

@@ -1,19 +1,23 @@
 """CPU inference benchmark: seconds and peak memory per registered pair, per inference path.
 
     python -m scripts.benchmark --start_channel 32 --shape 160,224,192 --threads 2 \\
-        [--paths reference,lean] [--repeats 1] [--warmup 0] [--ckpt models/model.pt] \\
-        [--input brain|random] [--seed 0] [--omp_wait_policy passive|active|inherit]
+        [--paths reference,lean,authors] [--repeats 1] [--warmup 0] [--ckpt models/model.pt] \\
+        [--input brain|random] [--seed 0] [--omp_wait_policy inherit|passive|active]
     python -m scripts.benchmark --device cuda --start_channel 32 --amp off,bf16 --warmup 1 --repeats 3
 
-Paths:
+Paths (default: all three on a CPU; ``authors`` only for sizes that are multiples of 16):
     ``reference``: the straightforward ``EOIR.forward`` under ``torch.no_grad()``;
-    ``lean``: :func:`scripts.lean_inference.lean_forward` (same weights, same field).
+    ``lean``: :func:`scripts.lean_inference.lean_forward` (same weights, same field);
+    ``authors``: the straightforward implementation as the authors wrote it, restated in
+    plain torch (:mod:`scripts.authors_layout`: their module layout, stored identity grids,
+    plain ``grid_sample``; same weights, same field).
 
 Each path runs in its own child process (``python -m scripts.benchmark --worker PATH ...``)
-with ``torch.set_num_threads(threads)`` (and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and
-``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp_wait_policy`` says otherwise: on a machine shared
-with other jobs, libgomp's spinning threads make every parallel region wait for a time
-slice, which distorts timings 2-20x), on the same input and the same weights: ``--ckpt`` (a
+with ``torch.set_num_threads(threads)`` (and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``; the
+OpenMP wait policy is the caller's environment, as for inference, unless ``--omp_wait_policy
+passive|active`` sets ``OMP_WAIT_POLICY`` for both: on a machine shared with other jobs use
+``passive``, since libgomp's spinning threads then make every parallel region wait for a
+time slice, which distorts timings 2-20x), on the same input and the same weights: ``--ckpt`` (a
 state dict for ``EOIR``) or a deterministic ``torch.manual_seed(seed)`` initialisation whose
 flow convolutions are scaled up so the fields are several voxels large (the default
 initialisation gives near-zero fields, which would make the field comparison
@@ -40,7 +44,8 @@ Output: a readable table, then, as the last line, JSON::
 
     {"device": "cpu", "shape": [...], "start_channel": 32, "threads": 2,
      "paths": {"reference": {"seconds": s, "peak_rss_gb": g, "amp": "off", ...}, "lean": {...}},
-     "ratio": {"time": lean/ref, "memory": lean/ref}, "max_abs_diff_voxels": d, ...}
+     "ratio": {"time": lean/ref, "memory": lean/ref}, "ratio_authors": {"time": lean/authors, ...},
+     "max_abs_diff_voxels": d, "max_abs_diff_voxels_per_path": {"lean": d1, "authors": d2}, ...}
 
 (on cuda the paths are ``reference``, ``reference+bf16`` ..., each with ``peak_allocated_gb``,
 ``peak_reserved_gb`` and ``gpu``; ``ratio`` is null)
@@ -61,7 +66,7 @@ from typing import Sequence
 
 import numpy as np
 
-PATHS = ("reference", "lean")
+PATHS = ("reference", "lean", "authors")
 AMP_DTYPES = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 FLOW_WEIGHT_STD = 0.05  # flow-conv init for benchmark weights: fields of a few voxels
@@ -172,6 +177,15 @@ def run_worker(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             return ddf
 
+    elif args.worker == "authors":
+        from .authors_layout import from_eoir
+
+        model = from_eoir(net, x.shape[2:]).to(device)
+
+        def run():
+            with torch.no_grad():
+                return model(x[:, :1], x[:, 1:])
+
     else:
 
         def run():
@@ -218,6 +232,13 @@ def run_worker(args: argparse.Namespace) -> dict:
 # =========================================================================================
 
 
+def _wait_policy_env(args: argparse.Namespace) -> str:
+    """``OMP_WAIT_POLICY`` as the workers see it (``unset``: libgomp's default)."""
+    if args.omp_wait_policy != "inherit":
+        return args.omp_wait_policy.upper()
+    return os.environ.get("OMP_WAIT_POLICY", "unset")
+
+
 def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path, amp: str = "off") -> dict:
     name = path if amp == "off" else f"{path}+{amp}"
     field_file, result_file = tmp / f"field_{name}.npy", tmp / f"result_{name}.json"
@@ -255,12 +276,11 @@ def _table(report: dict) -> str:
                 f"{r['baseline_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['baseline_rss_gb']:>14.2f}"
                 for name, r in report["paths"].items()]
     lines = [head, "-" * len(head)] + rows
-    if report.get("ratio"):
-        lines.append(f"lean / reference: time {report['ratio']['time']:.3f}, memory {report['ratio']['memory']:.3f}")
-    if report.get("max_abs_diff_voxels") is not None:
-        other = "lean" if report.get("device") != "cuda" else "autocast"
-        lines.append(f"max |ddf_{other} - ddf_reference| = {report['max_abs_diff_voxels']:.3g} voxel "
-                     f"(max |ddf| = {report['max_abs_field_voxels']:.3g})")
+    for key, base in (("ratio", "reference"), ("ratio_authors", "authors")):
+        if report.get(key):
+            lines.append(f"lean / {base}: time {report[key]['time']:.3f}, memory {report[key]['memory']:.3f}")
+    for path, diff in (report.get("max_abs_diff_voxels_per_path") or {}).items():
+        lines.append(f"max |ddf_{path} - ddf_reference| = {diff:.3g} voxel (max |ddf| = {report['max_abs_field_voxels']:.3g})")
     return "\n".join(lines)
 
 
@@ -293,12 +313,15 @@ def _check_device(args: argparse.Namespace, paths: list[str]) -> list[str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    multiple_of_16 = all(s % 16 == 0 for s in args.shape)
     if args.paths is None:
-        args.paths = "reference" if args.device == "cuda" else ",".join(PATHS)
+        args.paths = "reference" if args.device == "cuda" else ",".join(PATHS if multiple_of_16 else PATHS[:2])
     paths = list(dict.fromkeys(p.strip() for p in args.paths.split(",") if p.strip()))
     unknown = sorted(set(paths) - set(PATHS))
     if unknown or not paths:
         raise SystemExit(f"--paths takes a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    if "authors" in paths and not multiple_of_16:
+        raise SystemExit(f"--paths authors: the authors' layout needs a --shape of multiples of 16, got {args.shape}")
     amps = _check_device(args, paths)
     with tempfile.TemporaryDirectory(prefix="eoir_bench_") as tmp_name:
         tmp = Path(tmp_name)
@@ -321,9 +344,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "warmup_runs": args.warmup,
             "input": kind,
             "omp_wait_policy": args.omp_wait_policy,
+            "omp_wait_policy_env": _wait_policy_env(args),
             "weights": args.ckpt or f"torch.manual_seed({args.seed}) init, flow conv std {FLOW_WEIGHT_STD}",
             "paths": {},
             "ratio": None,
+            "ratio_authors": None,
             "max_abs_diff_voxels": None,
         }
         keys = ("seconds", "peak_rss_gb", "cpu_seconds", "baseline_rss_gb", "seconds_all", "torch", "amp",
@@ -333,14 +358,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if "reference" in results:
             ref = np.load(results["reference"]["field_file"])
             report["max_abs_field_voxels"] = float(np.abs(ref).max())
-            diffs = [float(np.abs(np.load(r["field_file"]) - ref).max()) for p, r in results.items() if p != "reference"]
+            diffs = {p: float(np.abs(np.load(r["field_file"]) - ref).max()) for p, r in results.items() if p != "reference"}
             if diffs:
-                report["max_abs_diff_voxels"] = max(diffs)
-            if "lean" in results:
-                ref_r, lean_r = results["reference"], results["lean"]
-                report["ratio"] = {
-                    "time": lean_r["seconds"] / ref_r["seconds"],
-                    "memory": lean_r["peak_rss_gb"] / ref_r["peak_rss_gb"],
+                report["max_abs_diff_voxels"] = max(diffs.values())
+                report["max_abs_diff_voxels_per_path"] = diffs
+        for key, base in (("ratio", "reference"), ("ratio_authors", "authors")):
+            if "lean" in results and base in results:
+                report[key] = {
+                    "time": results["lean"]["seconds"] / results[base]["seconds"],
+                    "memory": results["lean"]["peak_rss_gb"] / results[base]["peak_rss_gb"],
                 }
     print(_table(report))
     print(json.dumps(report))
@@ -352,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--start_channel", type=int, default=32)
     parser.add_argument("--shape", type=parse_shape, default=(160, 224, 192))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--paths", default=None, help="reference,lean (default; on cuda: reference)")
+    parser.add_argument("--paths", default=None,
+                        help="reference,lean,authors (default; authors only for sizes that are multiples of 16; "
+                        "on cuda: reference)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--amp", default="off", help="off, bf16, fp16 (comma-separated; bf16/fp16 on cuda)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per path (the minimum is reported)")
@@ -361,10 +389,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--input", choices=("brain", "random"), default="brain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--omp_wait_policy", choices=("passive", "active", "inherit"), default="passive",
-        help="OMP_WAIT_POLICY for both workers (default passive: on a machine shared with other "
-        "jobs, libgomp's spinning threads make every parallel region wait for a time slice; "
-        "'inherit' leaves the environment as it is)",
+        "--omp_wait_policy", choices=("inherit", "passive", "active"), default="inherit",
+        help="OMP_WAIT_POLICY for both workers (default inherit: the environment as it is, which "
+        "is what inference runs in; use passive on a machine shared with other jobs, where "
+        "libgomp's spinning threads make every parallel region wait for a time slice)",
     )
     # worker-only arguments
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)

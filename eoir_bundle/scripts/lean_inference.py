@@ -69,13 +69,19 @@ agrees with itself run in another memory format, see the benchmark):
 Threads: the path runs many more (smaller) parallel regions than ``EOIR.forward``. On a
 machine shared with other jobs, libgomp's default spin-waiting then costs a time slice per
 region (measured 2-20x slower, the straightforward path suffers too); set
-``OMP_WAIT_POLICY=PASSIVE`` in the environment there (the benchmark does).
+``OMP_WAIT_POLICY=PASSIVE`` in the environment there (``--omp_wait_policy passive`` in the
+benchmark). On an idle machine libgomp's default (brief spinning) is faster: at N=32 the lean
+path took 53.9-57.5 s per pair there, against 56-64 s with ``PASSIVE``.
 
 Measured and not kept: NCDHW convolutions (10-25 % slower than channels-last here); mmap
 for every temporary (no heap growth, but page faults: +60 % time); 4-row chunks (no faster,
 more memory); boxes snapped to 8 voxels (12 % less encoder work, but more oneDNN shapes:
-no faster). Not tried: ``torch.compile`` (the time is in oneDNN convolutions already, and the
-streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
+no faster); each box convolved in tiles of 32 voxels along axis 1, each with its own columns
+(a fifth less encoder work on brains, but smaller oneDNN calls plus the copies around them:
+the moving image's encoder took 16.6-16.9 s against 15.1-17.0 s without, at N=32); the
+estimators' 27-channel convolution zero-padded to 32 channels (oneDNN's faster shape: the
+level-0 estimator took 20.9-22.4 s against 20.3-21.6 s). Not tried: ``torch.compile`` (the
+time is in oneDNN convolutions already, and the streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
 Winograd (in PyTorch ops its transforms cost about what it saves).
 Weighed and not done: background skipping in the level-0 flow estimator (a quarter of the
 time at N=16, 40 % at N=32). Its input is a constant only where the fixed features are
@@ -83,7 +89,10 @@ background and the moving features sampled through the upsampled field are too; 
 sample pair (shipped weights) what its three convolutions must compute is 57 % of the volume,
 but as per-row boxes plus the in-plane border frame (zero padding and the warped border make
 that frame non-constant) it is 71 %: about 3 s of 25 s at N=16 and 7 s of 56 s at N=32, for
-the most intricate streaming code here (a one-off measurement, not a shipped benchmark).
+the most intricate streaming code here (a one-off measurement, not a shipped benchmark). On
+the benchmark's input at N=32 (fields up to 8 voxels; "constant" within 1e-5, as trilinear
+sampling of a constant is not bitwise constant) it is 62 % of the volume, and 74-84 % as
+tiles plus a border ring: 3-4 s of the estimator's 21 s, before the costs of finding it.
 """
 
 from __future__ import annotations

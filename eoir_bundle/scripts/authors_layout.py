@@ -1,13 +1,20 @@
-"""An independent plain-torch statement of the EOIR architecture, in the authors' module
-layout (so its ``state_dict`` has their exact keys, grid buffers included).
+"""EOIR in the authors' module layout, in plain torch: the straightforward implementation as
+they wrote it, for comparison (not used by inference or training).
 
-Written for the tests from ``shared/eoir/ARCHITECTURE.md`` without MONAI: explicit
-``grid_sample`` with stored identity grids, like the authors' ``SpatialTransformer``.
+An independent statement of ``shared/eoir/ARCHITECTURE.md`` without MONAI: explicit
+``grid_sample`` with identity grids stored per level, like the authors' ``SpatialTransformer``,
+and every level's features kept (so its ``state_dict`` has their exact keys, grid buffers
+included). The tests check that :class:`scripts.network.EOIR` gives its field for the same
+weights; ``python -m scripts.benchmark --paths reference,lean,authors`` times it beside the
+bundle's paths (:func:`from_eoir` copies an ``EOIR``'s weights into it). Sizes must be
+multiples of 16 (no padding here).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .convert_checkpoint import _GRID_BUFFER, _RULES
 
 
 class ConvBlock(nn.Module):
@@ -86,3 +93,21 @@ class AuthorsEOIR(nn.Module):
             if level:
                 up = 2 * F.interpolate(u, scale_factor=2, mode="trilinear", align_corners=True)
         return u
+
+
+
+def from_eoir(net, size) -> AuthorsEOIR:
+    """An :class:`AuthorsEOIR` for volumes of ``size`` with the weights of ``net`` (an ``EOIR``):
+    the inverse of :func:`scripts.convert_checkpoint.convert_state_dict`'s key mapping."""
+    if any(s % 16 for s in size):
+        raise ValueError(f"the authors' layout needs sizes that are multiples of 16, got {tuple(size)}")
+    ours = net.state_dict()
+    model = AuthorsEOIR(int(ours["encoder.0.conv.weight"].shape[0]), tuple(size))
+    state = model.state_dict()
+    for key in state:
+        if _GRID_BUFFER.match(key):
+            continue
+        target = next(pattern.sub(repl, key) for pattern, repl in _RULES if pattern.match(key))
+        state[key] = ours[target].detach().clone()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
