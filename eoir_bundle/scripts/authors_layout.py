@@ -1,7 +1,7 @@
-"""EOIR in the authors' module layout, in plain torch: the straightforward implementation as
-they wrote it, for comparison (not used by inference or training).
+"""EOIR as the authors wrote it, restated in plain torch: the straightforward implementation
+in their module layout, for comparison (not used by inference or training).
 
-An independent statement of ``shared/eoir/ARCHITECTURE.md`` without MONAI: explicit
+Written from ``shared/eoir/ARCHITECTURE.md`` without MONAI: explicit
 ``grid_sample`` with identity grids stored per level, like the authors' ``SpatialTransformer``,
 and every level's features kept (so its ``state_dict`` has their exact keys, grid buffers
 included). The tests check that :class:`scripts.network.EOIR` gives its field for the same
@@ -93,7 +93,6 @@ class AuthorsEOIR(nn.Module):
             if level:
                 up = 2 * F.interpolate(u, scale_factor=2, mode="trilinear", align_corners=True)
         return u
-
 
 
 def from_eoir(net, size) -> AuthorsEOIR:
