@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert_checkpoint import _GRID_BUFFER, _RULES
+from .convert_checkpoint import _GRID_BUFFER, bundle_key
 
 
 class ConvBlock(nn.Module):
@@ -106,7 +106,6 @@ def from_eoir(net, size) -> AuthorsEOIR:
     for key in state:
         if _GRID_BUFFER.match(key):
             continue
-        target = next(pattern.sub(repl, key) for pattern, repl in _RULES if pattern.match(key))
-        state[key] = ours[target].detach().clone()
+        state[key] = ours[bundle_key(key)].detach().clone()
     model.load_state_dict(state, strict=True)
     return model.eval()

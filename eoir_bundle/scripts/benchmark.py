@@ -67,6 +67,7 @@ from typing import Sequence
 import numpy as np
 
 PATHS = ("reference", "lean", "authors")
+RATIOS = (("ratio", "reference"), ("ratio_authors", "authors"))  # report key: lean / that path
 AMP_DTYPES = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 FLOW_WEIGHT_STD = 0.05  # flow-conv init for benchmark weights: fields of a few voxels
@@ -253,7 +254,7 @@ def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path,
         cmd += ["--ckpt", str(Path(args.ckpt).resolve())]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.omp_wait_policy != "inherit":
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+        env["OMP_WAIT_POLICY"] = _wait_policy_env(args)
     env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
@@ -276,7 +277,7 @@ def _table(report: dict) -> str:
                 f"{r['baseline_rss_gb']:>12.2f} {r['peak_rss_gb'] - r['baseline_rss_gb']:>14.2f}"
                 for name, r in report["paths"].items()]
     lines = [head, "-" * len(head)] + rows
-    for key, base in (("ratio", "reference"), ("ratio_authors", "authors")):
+    for key, base in RATIOS:
         if report.get(key):
             lines.append(f"lean / {base}: time {report[key]['time']:.3f}, memory {report[key]['memory']:.3f}")
     for path, diff in (report.get("max_abs_diff_voxels_per_path") or {}).items():
@@ -362,7 +363,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if diffs:
                 report["max_abs_diff_voxels"] = max(diffs.values())
                 report["max_abs_diff_voxels_per_path"] = diffs
-        for key, base in (("ratio", "reference"), ("ratio_authors", "authors")):
+        for key, base in RATIOS:
             if "lean" in results and base in results:
                 report[key] = {
                     "time": results["lean"]["seconds"] / results[base]["seconds"],

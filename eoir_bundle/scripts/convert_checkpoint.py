@@ -37,6 +37,14 @@ _RULES = [
 _GRID_BUFFER = re.compile(r"^(transformers\.\d+\.grid|integrates\.\d+\.transformer\.grid)$")
 
 
+def bundle_key(authors_key: str) -> str | None:
+    """The bundle's name of one of the authors' parameters (``None``: a key outside their layout)."""
+    for pattern, repl in _RULES:
+        if pattern.match(authors_key):
+            return pattern.sub(repl, authors_key)
+    return None
+
+
 def convert_state_dict(authors: dict, source: str = "checkpoint") -> tuple[dict, int]:
     """Map the authors' state dict to the bundle's; return ``(state_dict, start_channel)``."""
     state = authors.get("model_state_dict", authors)
@@ -47,12 +55,11 @@ def convert_state_dict(authors: dict, source: str = "checkpoint") -> tuple[dict,
         key = key[len("module."):] if key.startswith("module.") else key  # saved from DataParallel
         if _GRID_BUFFER.match(key):
             continue
-        for pattern, repl in _RULES:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = value.detach().clone().float().contiguous()
-                break
-        else:
+        target = bundle_key(key)
+        if target is None:
             unknown.append(key)
+        else:
+            out[target] = value.detach().clone().float().contiguous()
     if unknown:
         raise InputError(f"{source}: {len(unknown)} keys are not in the EOIR layout (e.g. {unknown[0]})")
     first = out.get("encoder.0.conv.weight")

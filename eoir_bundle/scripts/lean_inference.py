@@ -81,8 +81,9 @@ no faster); each box convolved in tiles of 32 voxels along axis 1, each with its
 the moving image's encoder took 16.6-16.9 s against 15.1-17.0 s without, at N=32); the
 estimators' 27-channel convolution zero-padded to 32 channels (oneDNN's faster shape: the
 level-0 estimator took 20.9-22.4 s against 20.3-21.6 s). Not tried: ``torch.compile`` (the
-time is in oneDNN convolutions already, and the streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
-Winograd (in PyTorch ops its transforms cost about what it saves).
+time is in oneDNN convolutions already, and the streamed loops have data-dependent shapes);
+bf16/fp16 (not exact; no AVX2 speed-up); Winograd (in PyTorch ops its transforms cost about
+what it saves).
 Weighed and not done: background skipping in the level-0 flow estimator (a quarter of the
 time at N=16, 40 % at N=32). Its input is a constant only where the fixed features are
 background and the moving features sampled through the upsampled field are too; on the
