@@ -98,6 +98,15 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
         ddf = lean_forward(net, x, store_limit=limit)
         assert splits == expected and (ddf - ref).abs().max().item() < 1e-4
 
+def test_encoder_peak_gives_rows_back_with_one_group():
+    """One stored group: block 3 gives each buffer row back once read, so the peak is the largest
+    'output so far + buffer left', not their sum; several groups hold the buffer whole."""
+    out, buf = [0.25] * 4, [0.1] * 4
+    assert lean_inference._encoder_peak(out, buf, 1) == pytest.approx(1.0)  # the whole output, at the end
+    assert lean_inference._encoder_peak(out, buf, 2) == pytest.approx(1.2)
+    assert lean_inference._encoder_peak([0.0] * 4, [0.5] * 4, 1) == pytest.approx(2.0)  # the full buffer, at the start
+
+
 def test_background_boxes_are_found():
     boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes
     assert boxes[:3] == [FULL] * 3 and boxes[-3:] == [FULL] * 3  # axis-0 faces

@@ -37,16 +37,19 @@ agrees with itself run in another memory format, see the benchmark):
   matching input channels of block 3, whose partial outputs are summed (a convolution is
   linear in its input channels); ``split=0`` runs blocks 1-2 twice (first for block 2's
   moments, then again feeding block 3). :func:`lean_forward` picks, per image, the fastest
-  that fits its memory rule. Block 1 (one input channel) is an im2col matrix product.
+  that fits its memory rule (:func:`_encoder_peak`: with one group, block 3 gives each stored
+  row back once read). Block 1 (one input channel) is an im2col matrix product.
 * **Background skipping** (:func:`_row_boxes`). With an exactly-zero background (skull-
   stripped LUMIR images), the encoder's response at a voxel farther than its reach (3
   voxels) from every nonzero voxel, and away from the axis-0 faces, does not depend on the
   row: it is a per-layer *background plane*, computed once by convolving three copies of
   the previous layer's plane (the zero padding makes its border differ). Each chunk of rows
   is convolved only inside the bounding box of the nonzero voxels within reach; the rest is
-  the plane, counted in the moments from the plane's sums. The fixed features are stored
-  the same way (:class:`_Map`, ragged: each row's box plus the plane). Images without an
-  exactly-zero background simply have every row ``FULL``.
+  the plane, counted in the moments from the plane's sums. Stored maps (block 2's raw
+  output, the fixed features) keep only the voxels within reach (2 or 3) of a nonzero one
+  (:func:`_keep_mask`; :class:`_Map`, ragged: gathered with ``index_select``) plus the plane:
+  on brain MRI about 0.35-0.4 of the volume, against 0.56 for per-row boxes. Images without
+  an exactly-zero background simply have every row ``FULL``.
 * **Slab-wise warping**. ``warp(img, ddf)(p)`` only reads ``ddf(p)``, so rows of the result
   need only those rows of the field (``img`` is whole). The sampling grid is computed with
   the same float operations as MONAI's ``Warp``, so ``grid_sample`` gets bit-identical
@@ -116,8 +119,9 @@ _DIVISOR = 2 ** (NUM_LEVELS - 1)
 FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero background)
 EMPTY = "empty"  # a box: nothing but background
 _SNAP = 16  # box corners are multiples of this
-# the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 the
-# whole path then peaks at about 2.4-2.45 GB; smaller networks get the same bytes (more maps)
+# the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 LUMIR-
+# like brains store block 2 whole for both images (the moving one peaks near 1.4 maps) and the
+# whole path peaks at about 2.15-2.2 GB; smaller networks get the same bytes (more maps)
 STORE_LIMIT_32 = 1.75
 
 
@@ -355,13 +359,34 @@ class _Moments:
         return s1, t.square_().sum(0).double()
 
     def add(self, z: torch.Tensor) -> None:
-        m = _as_matrix(z)
+        self.add_matrix(_as_matrix(z))
+
+    def add_matrix(self, m: torch.Tensor) -> None:
+        """Add the voxels of an ``(n, C)`` matrix."""
         if self.shift is None:
             self._start(m.mean(0))
         s1, s2 = self._sums(m)
         self.s1 += s1
         self.s2 += s2
         self.count += m.shape[0]
+
+    def add_plane(self, plane: torch.Tensor, kept) -> None:
+        """Add one row equal to the plane (an ``(H*W, C)`` matrix) but for the voxels ``kept``
+        (flat in-plane positions; ``FULL``: none left; ``None``: the whole plane)."""
+        if kept is FULL:
+            return
+        if self.shift is None:
+            self._start(plane.mean(0))
+        if self._plane is None:
+            self._plane = self._sums(plane)
+        p1, p2 = self._plane
+        n = plane.shape[0]
+        if kept is not None:
+            k1, k2 = self._sums(plane.index_select(0, kept))
+            p1, p2, n = p1 - k1, p2 - k2, n - kept.numel()
+        self.s1 += p1
+        self.s2 += p2
+        self.count += n
 
     def add_outside(self, plane: torch.Tensor, box, nrows: int) -> None:
         """Add ``nrows`` rows equal to ``plane (1, C, 1, H, W)`` outside ``box``."""
@@ -454,47 +479,53 @@ def _union(boxes: list, q0: int, q1: int):
     return (min(b[0] for b in sel), max(b[1] for b in sel), min(b[2] for b in sel), max(b[3] for b in sel))
 
 
-def _box_area(box, hw) -> int:
-    if box == EMPTY:
-        return 0
-    if box == FULL:
-        return hw[0] * hw[1]
-    return (box[1] - box[0]) * (box[3] - box[2])
+def _keep_mask(img: torch.Tensor, reach: int, face: int = 3) -> torch.Tensor:
+    """Where encoder block ``reach`` (1, 2 or 3) can differ from its background plane: a bool
+    ``(D0, D1, D2)`` mask, the nonzero voxels of ``img`` dilated by ``reach`` along every axis
+    (a cube), and every voxel of the ``face`` rows at each axis-0 face (see :func:`_row_boxes`).
+    Within each row it lies inside that row's box."""
+    m = (img != 0).float()[None, None]
+    k = 2 * reach + 1
+    for size in ((k, 1, 1), (1, k, 1), (1, 1, k)):  # a cube's dilation is separable
+        m = F.max_pool3d(m, size, stride=1, padding=tuple(s // 2 for s in size))
+    m = m[0, 0] > 0
+    m[:face] = True
+    m[m.shape[0] - face :] = True
+    return m
 
 
 class _Map:
-    """A channels-last map ``(1, C, D0, H, W)`` whose row ``r`` equals ``plane`` outside ``boxes[r]``.
+    """A channels-last map ``(1, C, D0, H, W)`` whose row ``r`` equals ``plane`` wherever ``boxes[r]``
+    (dense) or ``keep[r]`` (ragged) says it cannot differ from it.
 
-    Dense (``ragged=False``): one tensor, ``plane`` written outside the boxes by
-    :meth:`set_plane`. Ragged: only each row's box is stored (one flat buffer), the plane
-    once; on brain MRI that is about half the memory. ``write`` takes rows computed inside a
+    Dense (``keep=None``): one tensor; :meth:`set_plane` writes ``plane`` outside the boxes.
+    Ragged: only the voxels of the bool mask ``keep (D0, H, W)`` are stored, row after row in
+    one flat buffer (each row an ``(n_r, C)`` matrix in in-plane raster order), the plane once;
+    on brain MRI that is about a third of the dense map. ``write`` takes rows computed inside a
     box containing the rows' own boxes (true of every stream output, see :func:`_union`).
     """
 
-    def __init__(self, c: int, depth: int, hw: Sequence[int], boxes: list, ragged: bool):
-        self.c, self.depth, self.hw, self.boxes, self.ragged = c, depth, tuple(hw), boxes, ragged
+    def __init__(self, c: int, depth: int, hw: Sequence[int], boxes: list, keep: torch.Tensor | None = None):
+        self.c, self.depth, self.hw, self.boxes, self.keep = c, depth, tuple(hw), boxes, keep
+        self.ragged = keep is not None
         self.plane = None
         self._scratch = _Buffer()
-        if ragged:
+        if self.ragged:
+            counts = keep.flatten(1).sum(1).tolist()
             self.offsets = [0]
-            for b in boxes:
-                self.offsets.append(self.offsets[-1] + _box_area(b, hw) * c)
+            for n in counts:
+                self.offsets.append(self.offsets[-1] + n * c)
             self.data = torch.empty(self.offsets[-1])
         else:
             self.data = _cl_empty(c, depth, *hw)
 
-    def _box(self, r: int):
-        b = self.boxes[r]
-        return (0, self.hw[0], 0, self.hw[1]) if b == FULL else b
-
-    def row(self, r: int) -> torch.Tensor:
-        """Row ``r`` inside its box: a contiguous channels-last ``(1, C, 1, bh, bw)`` view."""
-        if not self.ragged:
-            return self.data[:, :, r : r + 1][_box_slices(self.boxes[r])] if self.boxes[r] != EMPTY else None
-        if self.boxes[r] == EMPTY:
+    def _kept(self, r: int):
+        """Row ``r``'s stored voxels: ``(flat in-plane positions or FULL, (n_r, C) view)``, or ``None``."""
+        a, b = self.offsets[r], self.offsets[r + 1]
+        if a == b:
             return None
-        h0, h1, w0, w1 = self._box(r)
-        return self.data[self.offsets[r] : self.offsets[r + 1]].view(1, 1, h1 - h0, w1 - w0, self.c).permute(0, 4, 1, 2, 3)
+        stored = self.data[a:b].view(-1, self.c)
+        return (FULL if stored.shape[0] == self.hw[0] * self.hw[1] else self.keep[r].flatten().nonzero()[:, 0]), stored
 
     def write(self, q0: int, z: torch.Tensor | None, box, add: bool = False) -> None:
         """Rows ``q0 ..`` computed inside ``box`` (``z`` has the box's size; ``None``: ``EMPTY``)."""
@@ -504,14 +535,21 @@ class _Map:
             dst = self.data[:, :, q0 : q0 + z.shape[2]][_box_slices(box)]
             dst.add_(z) if add else dst.copy_(z)
             return
-        b0 = (0, 0) if box == FULL else (box[0], box[2])
+        h0, h1, w0, w1 = (0, self.hw[0], 0, self.hw[1]) if box == FULL else box
         for i in range(z.shape[2]):
-            dst = self.row(q0 + i)
-            if dst is None:
+            kept = self._kept(q0 + i)
+            if kept is None:
                 continue
-            h0, h1, w0, w1 = self._box(q0 + i)
-            src = z[:, :, i : i + 1, h0 - b0[0] : h1 - b0[0], w0 - b0[1] : w1 - b0[1]]
-            dst.add_(src) if add else dst.copy_(src)
+            pos, dst = kept
+            src = _as_matrix(z[:, :, i : i + 1])
+            if pos is not FULL and box != FULL:  # positions inside the box
+                pos = (pos // self.hw[1] - h0) * (w1 - w0) + (pos % self.hw[1] - w0)
+            if pos is FULL:
+                dst.add_(src) if add else dst.copy_(src)
+            elif add:
+                dst.add_(src.index_select(0, pos))
+            else:
+                torch.index_select(src, 0, pos, out=dst)
 
     def set_plane(self, plane: torch.Tensor) -> None:
         """The raw background plane ``(1, C, 1, H, W)`` (dense maps: written outside the boxes)."""
@@ -525,23 +563,28 @@ class _Map:
         if not self.ragged:
             return self.data[:, :, r0:r1]
         out = self._scratch.cl(self.c, r1 - r0, *self.hw)
-        if any(b != FULL for b in self.boxes[r0:r1]):
+        kept = [self._kept(r) for r in range(r0, r1)]
+        if any(k is None or k[0] is not FULL for k in kept):
             out.copy_(self.plane.expand_as(out))
-        for r in range(r0, r1):
-            if self.boxes[r] != EMPTY:
-                out[:, :, r - r0 : r - r0 + 1][_box_slices(self.boxes[r])].copy_(self.row(r))
+        for i, k in enumerate(kept):
+            if k is not None:
+                dst = _as_matrix(out[:, :, i : i + 1])
+                dst.copy_(k[1]) if k[0] is FULL else dst.index_copy_(0, k[0], k[1])
         return out
 
     def moments(self, eps: float) -> _Moments:
         """InstanceNorm moments of the whole map (a pass over the stored rows)."""
         mom = _Moments(eps)
+        if not self.ragged:
+            for r0, r1 in _chunks(self.depth, 8):
+                mom.add(self.data[:, :, r0:r1])
+            return mom
+        plane = _as_matrix(self.plane)
         for r in range(self.depth):
-            row = self.row(r)
-            if row is not None:
-                if not row.is_contiguous(memory_format=CL):
-                    row = self._scratch.cl(*row.shape[1:]).copy_(row)
-                mom.add(row)
-            mom.add_outside(self.plane, self.boxes[r], 1)
+            kept = self._kept(r)
+            if kept is not None:
+                mom.add_matrix(kept[1])
+            mom.add_plane(plane, None if kept is None else kept[0])
         return mom
 
     def normalise_(self, scale, offset, slope: float) -> None:
@@ -584,6 +627,11 @@ class _Encoder:
         self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
         self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
         self.boxes = boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
+        # where block 2's and block 3's outputs can differ from their planes (stored ragged)
+        if skip_background:
+            self.keep2, self.keep3 = _keep_mask(img, 2), _keep_mask(img, 3)
+        else:
+            self.keep2 = self.keep3 = torch.ones(img.shape, dtype=torch.bool)
         self.box_fn = lambda q0, q1: _union(boxes, q0, q1)  # (no reference to self: no cycle to outlive us)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
         self.cols, self.z1 = _Buffer(), _Buffer()
@@ -658,14 +706,19 @@ class _Encoder:
             _norm_prelu_into(slot[_box_slices(box)], z2, *norm2, self.slope[1])
         return s3.conv()
 
-    def stored_fraction(self) -> float:
-        return sum(_box_area(b, self.hw) for b in self.boxes) / (self.depth * self.hw[0] * self.hw[1])
+    def row_sizes(self, channels: int, keep: torch.Tensor | None = None) -> list:
+        """Per row, the size of a map of ``channels`` stored dense (``keep=None``) or ragged
+        (the voxels of ``keep``), in ``N``-channel full maps (a dense ``N``-channel map sums to 1)."""
+        unit = self.n * self.depth * self.hw[0] * self.hw[1]
+        if keep is None:
+            return [channels * self.hw[0] * self.hw[1] / unit] * self.depth
+        return [channels * n / unit for n in keep.flatten(1).sum(1).tolist()]
 
 
 def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_background: bool = True,
            ragged: bool = False, _encoder: _Encoder | None = None):
     """Encoder features of one image ``(D0, D1, D2)``: a channels-last ``(1, N, D0, D1, D2)``
-    tensor, or (``ragged=True``) a :class:`_Map` storing each row's non-background box only.
+    tensor, or (``ragged=True``) a :class:`_Map` storing the non-background voxels only.
 
     ``split=0`` recomputes blocks 1-2 for block 3 (peak: the output plus a few rows);
     ``split=G`` (a divisor of 2N) stores block 2's raw output in ``G`` groups of 2N/G
@@ -678,7 +731,8 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
     if split and n2 % split:
         raise ValueError(f"split must divide {n2}, got {split}")
     e.block1_norm()
-    out = _Map(e.n, depth, hw, e.boxes, ragged)  # block 3's raw output, normalised in place at the end
+    # block 3's raw output, normalised in place at the end
+    out = _Map(e.n, depth, hw, e.boxes, e.keep3 if ragged else None)
     if not split:  # a pass for block 2's moments, a second one feeding block 3
         norm2 = e.block2_norm(slice(None), e.z2_plane)
         a2_plane = _norm_prelu_(e.z2_plane.clone(memory_format=CL), *norm2, e.slope[1])
@@ -690,7 +744,7 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
         out.set_plane(e.plane_after(2, a2_plane))
     else:  # block 2 group by group; block 3 = the sum of the groups' partial outputs
         g = n2 // split
-        buf = _Map(g, depth, hw, e.boxes, ragged=True)
+        buf = _Map(g, depth, hw, e.boxes, e.keep2)
         z3_plane = None
         for k in range(split):
             sl = slice(k * g, (k + 1) * g)
@@ -703,6 +757,8 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
             for r0, r1 in _chunks(depth, rows):
                 box = e.box_fn(r0, r1)
                 z2 = None if box == EMPTY else buf.read(r0, r1)[_box_slices(box)]
+                if k == split - 1:
+                    buf.release_before(r1)  # read into a buffer: the last group's rows are done with
                 res = e.feed3(s3, z2, r1 - r0, box, norm2, a2_plane)
                 if res is not None:
                     out.write(res[1], res[0], res[3], add=k > 0)
@@ -866,20 +922,34 @@ def _downsample_map(y: _Map) -> torch.Tensor:
     return out
 
 
-def _choose_split(fraction: float, others: float, out: float, limit: float) -> int:
-    """Block-2 storage for one image (sizes in N-channel full maps): the fewest groups ``G``
-    (1, 2 or 4) whose ragged group buffer (``2 * fraction / G``) keeps ``others + out + buffer``
-    within ``limit``; 0 (recompute) if none does."""
+def _encoder_peak(out_rows: list, buf_rows: list, groups: int) -> float:
+    """The most an image's encoder stores at once (per-row sizes, in N-channel full maps):
+    block 3's output ``out_rows`` and block 2's raw output ``buf_rows`` kept in ``groups``
+    groups. One group is filled by a pass of block 2, then read in row order by block 3, each
+    row given back once read while block 3's output rows appear; several groups each refill
+    the buffer, so it is held whole next to the whole output."""
+    if groups > 1:
+        return sum(out_rows) + sum(buf_rows) / groups
+    written, left = 0.0, sum(buf_rows)
+    peak = left
+    for o, b in zip(out_rows, buf_rows):
+        written, left = written + o, left - b
+        peak = max(peak, written + left)
+    return peak
+
+
+def _choose_split(out_rows: list, buf_rows: list, others: float, limit: float) -> int:
+    """Block-2 storage for one image: the fewest groups ``G`` (1, 2 or 4) that keep ``others`` plus
+    :func:`_encoder_peak` within ``limit`` N-channel full maps; 0 (recompute) if none does."""
     for g in (1, 2, 4):
-        if others + out + 2 * fraction / g <= limit + 1e-9:
+        if others + _encoder_peak(out_rows, buf_rows, g) <= limit + 1e-9:
             return g
     return 0
 
 
 def default_store_limit(start_channel: int) -> float:
     """``store_limit`` in ``N``-channel maps for the same bytes as ``STORE_LIMIT_32`` 32-channel
-    maps (``N >= 32``: ``STORE_LIMIT_32``). At N=16 it is 3.5 maps: the moving image's
-    block 2 is then stored instead of recomputed on LUMIR-like brains (about -1.3 s per pair)."""
+    maps (``N >= 32``: ``STORE_LIMIT_32``). At N=16 it is 3.5 maps."""
     return STORE_LIMIT_32 * max(1.0, 32.0 / start_channel)
 
 
@@ -887,7 +957,7 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
           store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
     """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
 
-    The fixed features are kept ragged (only their non-background boxes), the moving ones
+    The fixed features are kept ragged (only their non-background voxels), the moving ones
     dense (``grid_sample`` reads them anywhere). Each image's block-2 storage is the fastest
     that keeps the encoder's stored maps within ``store_limit`` N-channel full maps.
     ``finest_level``: as ``EOIR.forward``'s (levels below it are not run).
@@ -896,9 +966,9 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
     ex = _Encoder(net, moving, rows, skip_background)
     if store_limit is None:
         store_limit = default_store_limit(ey.n)
-    fy, fx = ey.stored_fraction(), ex.stored_fraction()
-    split_y = _choose_split(fy, 0.0, fy, max(store_limit, 2.0))
-    split_x = _choose_split(fx, fy, 1.0, store_limit)
+    y_rows = ey.row_sizes(ey.n, ey.keep3)  # the fixed features, ragged
+    split_y = _choose_split(y_rows, ey.row_sizes(2 * ey.n, ey.keep2), 0.0, max(store_limit, 2.0))
+    split_x = _choose_split(ex.row_sizes(ex.n), ex.row_sizes(2 * ex.n, ex.keep2), sum(y_rows), store_limit)
     y0 = encode(net, fixed, split=split_y, rows=rows, ragged=True, _encoder=ey)
     del ey
     x0 = encode(net, moving, split=split_x, rows=rows, _encoder=ex)
@@ -950,9 +1020,9 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             block-2 buffers); more allows less recomputation. The fixed image, encoded
             first, may use ``max(store_limit, 2)`` (level 0 holds two maps anyway). Default
             (None): :func:`default_store_limit`, a fixed number of bytes (1.75 maps at N=32,
-            3.5 at N=16). At N=32 (1.75), LUMIR-like brains recompute the moving image's block 2;
-            2.25 stores it in 4 groups instead, measured no faster (57 s vs 56 s at full size)
-            and 0.15 GB bigger. At N=16 (3.5) it is stored whole: about 1.3 s faster per pair.
+            3.5 at N=16). On LUMIR-like brains both images' block 2 is then stored whole (the
+            moving image's encoder holds at most about 1.4 maps). Under about 1.4, the moving
+            image's block 2 is stored in groups or recomputed: about 3 s slower per pair at N=32.
         finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
             0 = the whole network).
 
