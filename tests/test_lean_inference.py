@@ -98,6 +98,21 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
         ddf = lean_forward(net, x, store_limit=limit)
         assert splits == expected and (ddf - ref).abs().max().item() < 1e-4
 
+def test_split_first_convolution_is_used_on_brains(monkeypatch):
+    """On skull-stripped input the finest estimator's first convolution runs as its fixed part
+    (in boxes) plus its moving part added onto it, and still gives EOIR's field."""
+    onto_calls = []
+    real = _RowStream.conv
+    monkeypatch.setattr(_RowStream, "conv", lambda self, onto=None: onto_calls.append(onto is not None) or real(self, onto))
+    net, x = _net(8), _brain()
+    with torch.no_grad():
+        ref = net(x)
+    ddf = lean_forward(net, x)
+    depth = -(-x.shape[2] // 16) * 16  # padded to a multiple of 16
+    assert sum(onto_calls) == depth // 2  # one per input chunk of level 0 (2 rows each)
+    assert (ddf - ref).abs().max().item() < 1e-4
+
+
 def test_encoder_peak_gives_rows_back_with_one_group():
     """One stored group: block 3 gives each buffer row back once read, so the peak is the largest
     'output so far + buffer left', not their sum; several groups hold the buffer whole."""

@@ -63,6 +63,11 @@ agrees with itself run in another memory format, see the benchmark):
   ``cat(y + warp(x, up), y - warp(x, up))`` through its three convolutions (ReLU fused into
   oneDNN); integration (scaling and squaring, whose warps read anywhere) and the
   composition run on 3-channel fields after the features are freed.
+* **The fixed half of the finest first convolution in boxes**. Its weight ``[Wa, Wb]`` acts on
+  ``[y + x, y - x]``, that is ``(Wa + Wb)`` on ``y`` and ``(Wa - Wb)`` on ``x``: two streams, the
+  fixed one convolved only inside the row boxes of its kept voxels (elsewhere its output is
+  the plane's response), the moving one added onto it by oneDNN's "add" fusion before the
+  ReLU. The same sums in another order: the rounding of ``y + x`` and ``y - x`` is not made.
 * **No allocator churn**. Chunk temporaries of varying size fragment glibc's heap (0.4 GB
   kept at full size): per-chunk temporaries live in reused buffers, convolutions write into
   them (oneDNN's in-place "add" fusion on a zeroed buffer; also avoids ``F.conv3d``'s
@@ -97,6 +102,9 @@ the most intricate streaming code here (a one-off measurement, not a shipped ben
 the benchmark's input at N=32 (fields up to 8 voxels; "constant" within 1e-5, as trilinear
 sampling of a constant is not bitwise constant) it is 62 % of the volume, and 74-84 % as
 tiles plus a border ring: 3-4 s of the estimator's 21 s, before the costs of finding it.
+What is done instead is exact by linearity alone: the fixed half of the first convolution
+skips the fixed background (1.1-1.4 s per pair at N=32, measured alternating with the
+commit before it; the moving half, the warped moving features, is computed everywhere).
 """
 
 from __future__ import annotations
@@ -121,7 +129,7 @@ EMPTY = "empty"  # a box: nothing but background
 _SNAP = 16  # box corners are multiples of this
 # the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 LUMIR-
 # like brains store block 2 whole for both images (the moving one peaks near 1.4 maps) and the
-# whole path peaks at about 2.15-2.2 GB; smaller networks get the same bytes (more maps)
+# whole path peaks at about 2.15-2.25 GB; smaller networks get the same bytes (more maps)
 STORE_LIMIT_32 = 1.75
 
 
@@ -213,14 +221,17 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1, 1)
 
 
-def _conv_into(out: torch.Tensor, x: torch.Tensor, weight, bias, padding, relu: bool = False) -> torch.Tensor:
-    """``out = [relu](conv3d(x, weight, bias, padding))`` written into ``out`` (channels-last).
+def _conv_into(out: torch.Tensor, x: torch.Tensor, weight, bias, padding, relu: bool = False,
+               accumulate: bool = False) -> torch.Tensor:
+    """``out = [relu](conv3d(x, weight, bias, padding) [+ out])`` written into ``out`` (channels-last;
+    ``accumulate``: added to what ``out`` holds).
 
     oneDNN is called directly (its in-place "add" fusion on a zeroed ``out``): no output
     allocation, and no fallback to PyTorch's slow reference kernel, which ``F.conv3d`` picks
     for batch 1 and ``C * D0 * D1 <= 20480`` (a few rows of the 27-channel map: 8x slower).
     """
-    out.zero_()
+    if not accumulate:
+        out.zero_()
     torch.ops.mkldnn._convolution_pointwise_(
         out, x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "add", 1.0, "relu" if relu else None, [], None
     )
@@ -303,7 +314,9 @@ class _RowStream:
         x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, : self.hi, a0:a1, b0:b1])
         return x
 
-    def conv(self):
+    def conv(self, onto: torch.Tensor | None = None):
+        """``onto``: a full-plane ``(1, C_out, rows, H, W)`` tensor the output is added to (in
+        place, before the ReLU) and returned as ``z``; it must have the output rows' count."""
         if self.next_row == self.depth and self.row0 + self.hi == self.depth:  # volume end: zero padding row
             self.buf[:, :, self.hi].zero_()
             self.hi += 1
@@ -315,8 +328,10 @@ class _RowStream:
         if box == EMPTY:
             z = None
         elif box == FULL:
-            z = self.out.cl(cout, q1 - q0, *self.hw)
-            _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu)
+            z = self.out.cl(cout, q1 - q0, *self.hw) if onto is None else onto
+            if z.shape[2] != q1 - q0:
+                raise ValueError(f"onto has {z.shape[2]} rows, the output {q1 - q0}")
+            _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
         else:
             z = self.out.cl(cout, q1 - q0, box[1] - box[0], box[3] - box[2])
             _conv_into(z, self._box_input(box), self.weight, self.bias, (0, 0, 0), self.relu)
@@ -866,7 +881,9 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     :class:`_Map` (``consume_y``: its rows are released once read). ``up_rows(r0, r1)`` gives rows
     of the upsampled coarser field (``None`` at the coarsest level): the warped moving
     features are made row by row. The three convolutions are chained :class:`_RowStream` s,
-    ReLU fused into the first two. Returns ``v (1, 3, D0, D1, D2)`` contiguous.
+    ReLU fused into the first two; with a ragged, mostly-background ``y`` the first one is split
+    into its fixed part (in ``y``'s boxes) and its moving part. Returns ``v (1, 3, D0, D1, D2)``
+    contiguous.
     """
     n = x.shape[1]
     depth, hw = x.shape[2], tuple(x.shape[3:])
@@ -876,6 +893,19 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     ]
     v = torch.empty((1, 3, depth) + hw)
     grid = _Buffer()
+    # skull-stripped fixed features: the first convolution as its fixed part, computed in y's boxes
+    # only, plus its moving part (the input's two halves are y + x and y - x: W = [Wa, Wb] acts as
+    # (Wa + Wb) on y and (Wa - Wb) on x)
+    split = isinstance(y, _Map) and y.ragged and float(y.keep.float().mean()) < 0.5
+    if split:
+        w1 = convs[0].weight.detach()
+        wy, wx = w1[:, :n] + w1[:, n:], w1[:, :n] - w1[:, n:]
+        boxes = _row_boxes(y.keep.float(), reach=1)
+        sy = _RowStream(wy, None, depth, hw, rows, box_fn=lambda q0, q1: _union(boxes, q0, q1))
+        streams[0] = _RowStream(wx, convs[0].bias.detach(), depth, hw, rows, relu=True)
+        y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw), y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL),
+                             wy, None, (0, 1, 1))
+        acc = _Buffer()
 
     def feed(res) -> None:
         """Hand the first stream's output rows down the chain, and the last one's to ``v``."""
@@ -900,11 +930,27 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
                 y.release_before(r1)  # read into a buffer: the stored rows are done with
         else:
             yr = y[:, :, r0:r1]
-        slot = streams[0].slot(r1 - r0)
-        torch.add(yr, xw, out=slot[:, :n])  # cat([y + x, y - x], 1)
-        torch.sub(yr, xw, out=slot[:, n:])
-        del xw, yr, slot
-        feed(streams[0].conv())
+        if not split:
+            slot = streams[0].slot(r1 - r0)
+            torch.add(yr, xw, out=slot[:, :n])  # cat([y + x, y - x], 1)
+            torch.sub(yr, xw, out=slot[:, n:])
+            del xw, yr, slot
+            feed(streams[0].conv())
+            continue
+        sy.slot(r1 - r0).copy_(yr)
+        streams[0].slot(r1 - r0).copy_(xw)
+        del xw, yr
+        res = sy.conv()
+        if res is None:
+            feed(streams[0].conv())  # nothing computable yet (returns None too)
+            continue
+        zy, q0, q1, box = res
+        onto = acc.cl(y_plane.shape[1], q1 - q0, *hw)
+        if box != FULL:
+            onto.copy_(y_plane.expand_as(onto))
+        if zy is not None:
+            onto[_box_slices(box)].copy_(zy)
+        feed(streams[0].conv(onto=onto))  # relu(conv(wx, x) + bias + conv(wy, y))
     return v
 
 
