@@ -111,6 +111,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Sequence
 
 import torch
@@ -573,11 +574,12 @@ class _Map:
             for r in range(self.depth):
                 _fill_outside(self.data[:, :, r : r + 1], plane, self.boxes[r])
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``[r0, r1)`` as a dense ``(1, C, k, H, W)`` tensor (ragged: a reused buffer)."""
+    def read(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` as a dense ``(1, C, k, H, W)`` tensor (ragged: a reused buffer, or
+        ``out``, a contiguous channels-last tensor of that shape)."""
         if not self.ragged:
-            return self.data[:, :, r0:r1]
-        out = self._scratch.cl(self.c, r1 - r0, *self.hw)
+            return self.data[:, :, r0:r1] if out is None else out.copy_(self.data[:, :, r0:r1])
+        out = self._scratch.cl(self.c, r1 - r0, *self.hw) if out is None else out
         kept = [self._kept(r) for r in range(r0, r1)]
         if any(k is None or k[0] is not FULL for k in kept):
             out.copy_(self.plane.expand_as(out))
@@ -642,11 +644,7 @@ class _Encoder:
         self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
         self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
         self.boxes = boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
-        # where block 2's and block 3's outputs can differ from their planes (stored ragged)
-        if skip_background:
-            self.keep2, self.keep3 = _keep_mask(img, 2), _keep_mask(img, 3)
-        else:
-            self.keep2 = self.keep3 = torch.ones(img.shape, dtype=torch.bool)
+        self.img, self.skip_background = img, skip_background
         self.box_fn = lambda q0, q1: _union(boxes, q0, q1)  # (no reference to self: no cycle to outlive us)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
         self.cols, self.z1 = _Buffer(), _Buffer()
@@ -720,6 +718,16 @@ class _Encoder:
         if z2 is not None:
             _norm_prelu_into(slot[_box_slices(box)], z2, *norm2, self.slope[1])
         return s3.conv()
+
+    @functools.cached_property
+    def keep2(self) -> torch.Tensor:
+        """Where block 2's output can differ from its plane (what a ragged map of it stores)."""
+        return _keep_mask(self.img, 2) if self.skip_background else torch.ones(self.img.shape, dtype=torch.bool)
+
+    @functools.cached_property
+    def keep3(self) -> torch.Tensor:
+        """Where block 3's output (the features) can differ from its plane."""
+        return _keep_mask(self.img, 3) if self.skip_background else torch.ones(self.img.shape, dtype=torch.bool)
 
     def row_sizes(self, channels: int, keep: torch.Tensor | None = None) -> list:
         """Per row, the size of a map of ``channels`` stored dense (``keep=None``) or ragged
@@ -896,11 +904,11 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     # skull-stripped fixed features: the first convolution as its fixed part, computed in y's boxes
     # only, plus its moving part (the input's two halves are y + x and y - x: W = [Wa, Wb] acts as
     # (Wa + Wb) on y and (Wa - Wb) on x)
-    split = isinstance(y, _Map) and y.ragged and float(y.keep.float().mean()) < 0.5
+    split = isinstance(y, _Map) and y.ragged and 2 * int(y.keep.sum()) < y.keep.numel()
     if split:
         w1 = convs[0].weight.detach()
         wy, wx = w1[:, :n] + w1[:, n:], w1[:, :n] - w1[:, n:]
-        boxes = _row_boxes(y.keep.float(), reach=1)
+        boxes = _row_boxes(y.keep, reach=1)
         sy = _RowStream(wy, None, depth, hw, rows, box_fn=lambda q0, q1: _union(boxes, q0, q1))
         streams[0] = _RowStream(wx, convs[0].bias.detach(), depth, hw, rows, relu=True)
         y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw), y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL),
@@ -925,7 +933,7 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
             g = grid.plain(1, r1 - r0, hw[0], hw[1], 3)
             xw = _sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g))
         if isinstance(y, _Map):
-            yr = y.read(r0, r1)
+            yr = y.read(r0, r1, out=sy.slot(r1 - r0) if split else None)  # split: straight into its stream
             if consume_y:
                 y.release_before(r1)  # read into a buffer: the stored rows are done with
         else:
@@ -937,7 +945,6 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
             del xw, yr, slot
             feed(streams[0].conv())
             continue
-        sy.slot(r1 - r0).copy_(yr)
         streams[0].slot(r1 - r0).copy_(xw)
         del xw, yr
         res = sy.conv()
