@@ -122,6 +122,20 @@ def test_encoder_peak_gives_rows_back_with_one_group():
     assert lean_inference._encoder_peak([0.0] * 4, [0.5] * 4, 1) == pytest.approx(2.0)  # the full buffer, at the start
 
 
+@pytest.mark.parametrize("shape", [(9, 13, 7), (8, 2, 5)])
+def test_keep_mask_is_the_cube_dilation(shape):
+    """The shifted-OR dilation equals a (2 reach + 1)-cube max-pool of the nonzero voxels, plus the
+    axis-0 face rows, also where an axis is shorter than the reach."""
+    g = torch.Generator().manual_seed(7)
+    img = torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) < 0.05)
+    img[4, 1, 3] = 0.5
+    for reach in (1, 2, 3):
+        k = 2 * reach + 1
+        ref = F.max_pool3d((img != 0).float()[None, None], k, stride=1, padding=reach)[0, 0] > 0
+        ref[:3] = ref[-3:] = True
+        assert torch.equal(lean_inference._keep_mask(img, reach), ref)
+
+
 def test_background_boxes_are_found():
     boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes
     assert boxes[:3] == [FULL] * 3 and boxes[-3:] == [FULL] * 3  # axis-0 faces

@@ -500,11 +500,12 @@ def _keep_mask(img: torch.Tensor, reach: int, face: int = 3) -> torch.Tensor:
     ``(D0, D1, D2)`` mask, the nonzero voxels of ``img`` dilated by ``reach`` along every axis
     (a cube), and every voxel of the ``face`` rows at each axis-0 face (see :func:`_row_boxes`).
     Within each row it lies inside that row's box."""
-    m = (img != 0).float()[None, None]
-    k = 2 * reach + 1
-    for size in ((k, 1, 1), (1, k, 1), (1, 1, k)):  # a cube's dilation is separable
-        m = F.max_pool3d(m, size, stride=1, padding=tuple(s // 2 for s in size))
-    m = m[0, 0] > 0
+    m = img != 0
+    for axis, n in enumerate(m.shape):  # a cube's dilation is separable: shifted ORs per axis
+        src, m = m, m.clone()
+        for s in range(1, min(reach, n - 1) + 1):
+            m.narrow(axis, s, n - s).logical_or_(src.narrow(axis, 0, n - s))
+            m.narrow(axis, 0, n - s).logical_or_(src.narrow(axis, s, n - s))
     m[:face] = True
     m[m.shape[0] - face :] = True
     return m
