@@ -136,10 +136,22 @@ def test_keep_mask_is_the_cube_dilation(shape):
         assert torch.equal(lean_inference._keep_mask(img, reach), ref)
 
 
-def test_background_boxes_are_found():
-    boxes = _Encoder(_net(4), _brain()[0, 1], 2, True).boxes
-    assert boxes[:3] == [FULL] * 3 and boxes[-3:] == [FULL] * 3  # axis-0 faces
-    assert EMPTY in boxes and any(isinstance(b, tuple) for b in boxes)
+def test_background_tiles_cover_the_kept_voxels():
+    """Each chunk's cover: FULL at the axis-0 faces, EMPTY far from the brain, elsewhere disjoint
+    tiles (several on a brain's cross-section) holding every kept voxel of the chunk's rows."""
+    enc = _Encoder(_net(4), _brain(shape=(32, 96, 64))[0, 1], 2, True)
+    covers = [enc.covers3(q, q + 2) for q in range(0, 32, 2)]
+    assert covers[0] == covers[-1] == FULL  # axis-0 faces
+    assert EMPTY in covers and any(len(c) > 1 for c in covers if c != FULL)
+    for q, cover in zip(range(0, 32, 2), covers):
+        if cover == FULL:
+            continue
+        hits = torch.zeros(96, 64, dtype=torch.int)
+        for h0, h1, w0, w1 in cover:
+            hits[h0:h1, w0:w1] += 1
+        assert hits.max() <= 1  # disjoint
+        assert bool((hits[enc.keep3[q : q + 2].any(0)] == 1).all())  # every kept voxel covered
+        assert hits.sum() < 0.85 * 96 * 64
 
 
 @pytest.mark.parametrize("split", [0, 1, 4])
@@ -152,7 +164,7 @@ def test_encoder_matches_module(split):
     assert dense.is_contiguous(memory_format=torch.channels_last_3d)
     assert (dense - ref).abs().max().item() < 1e-4
     ragged = encode(net, img, split=split, ragged=True)
-    assert ragged.resident() < dense.numel() * 4 * 0.7  # only the non-background boxes are stored
+    assert ragged.resident() < dense.numel() * 4 * 0.7  # only the voxels near the brain are stored
     assert (ragged.read(0, img.shape[0]) - ref).abs().max().item() < 1e-4
 
 
@@ -169,9 +181,8 @@ def test_row_stream_is_the_full_convolution():
             r += n
             res = stream.conv()
             if res is not None:
-                z, q0, q1, box = res
-                assert box == FULL
-                out[:, :, q0:q1] = z
+                assert res.cover == FULL and len(res.tiles) == 1
+                out[:, :, res.q0 : res.q1] = res.tiles[0][0]
         assert torch.allclose(out, ref, atol=1e-5)
 
 

@@ -112,7 +112,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,9 +125,11 @@ __all__ = ["lean_forward", "LeanEOIR", "encode"]
 
 CL = torch.channels_last_3d
 _DIVISOR = 2 ** (NUM_LEVELS - 1)
-FULL = "full"  # a box: the whole plane (rows near the axis-0 faces, or no zero background)
-EMPTY = "empty"  # a box: nothing but background
-_SNAP = 16  # box corners are multiples of this
+FULL = "full"  # a cover: the whole plane (rows near the axis-0 faces, or no zero background)
+EMPTY = ()  # a cover: no tile, nothing but background
+_BAND = 32  # tiles: the plane is cut into bands of this many voxels along axis 1 ...
+_SNAP = 8  # ... and tile corners are multiples of this
+_FULL_FRACTION = 0.85  # a cover whose tiles are more of the plane than this is FULL
 # the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 LUMIR-
 # like brains store block 2 whole for both images (the moving one peaks near 1.4 maps) and the
 # whole path peaks at about 2.15-2.25 GB; smaller networks get the same bytes (more maps)
@@ -154,6 +156,17 @@ class _Buffer:
     def cl(self, c: int, d: int, h: int, w: int) -> torch.Tensor:
         """A contiguous channels-last ``(1, c, d, h, w)`` tensor (uninitialised)."""
         return self._take(c * d * h * w).view(1, d, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def cls(self, shapes: Sequence[tuple]) -> tuple[list, torch.Tensor]:
+        """Contiguous channels-last tensors of ``shapes`` ``(c, d, h, w)``, one after the other in the
+        buffer, and the flat buffer they fill."""
+        sizes = [c * d * h * w for c, d, h, w in shapes]
+        flat = self._take(sum(sizes))
+        views, o = [], 0
+        for (c, d, h, w), n in zip(shapes, sizes):
+            views.append(flat[o : o + n].view(1, d, h, w, c).permute(0, 4, 1, 2, 3))
+            o += n
+        return views, flat
 
     def plain(self, *shape: int) -> torch.Tensor:
         n = 1
@@ -239,54 +252,81 @@ def _conv_into(out: torch.Tensor, x: torch.Tensor, weight, bias, padding, relu: 
     return out
 
 
-def _box_slices(box) -> tuple:
-    return (Ellipsis,) if box == FULL else (Ellipsis, slice(box[0], box[1]), slice(box[2], box[3]))
+def _rects(cover) -> tuple:
+    """The rectangles of a cover: ``(FULL,)`` or its tiles."""
+    return (FULL,) if cover == FULL else cover
 
 
-def _fill_background(view: torch.Tensor, plane: torch.Tensor, box) -> None:
-    """Write ``plane (1, C, 1, H, W)`` into every row of ``view`` unless ``box`` is ``FULL``
-    (callers then write the box: one copy is fewer, larger operations than four strips)."""
-    if box != FULL:
+def _rect_slices(rect) -> tuple:
+    return (Ellipsis,) if rect == FULL else (Ellipsis, slice(rect[0], rect[1]), slice(rect[2], rect[3]))
+
+
+def _complement(cover, h: int, w: int) -> list:
+    """Rectangles tiling the ``h x w`` plane outside a cover's disjoint tiles."""
+    if cover == FULL:
+        return []
+    cuts = sorted({0, h, *(t[0] for t in cover), *(t[1] for t in cover)})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        c = 0
+        for w0, w1 in sorted((t[2], t[3]) for t in cover if t[0] <= a and b <= t[1]):
+            if w0 > c:
+                out.append((a, b, c, w0))
+            c = w1
+        if c < w:
+            out.append((a, b, c, w))
+    return out
+
+
+def _fill_background(view: torch.Tensor, plane: torch.Tensor, cover) -> None:
+    """Write ``plane (1, C, 1, H, W)`` into every row of ``view`` unless ``cover`` is ``FULL``
+    (callers then write the tiles: one copy is fewer, larger operations than the strips between)."""
+    if cover != FULL:
         view.copy_(plane.expand_as(view))
 
 
-def _fill_outside(view: torch.Tensor, plane: torch.Tensor, box) -> None:
-    """Write ``plane (1, C, 1, H, W)`` into the rows ``view`` outside ``box``."""
-    if box == FULL:
-        return
-    if box == EMPTY:
-        view.copy_(plane.expand_as(view))
-        return
-    h0, h1, w0, w1 = box
-    for hs, ws in ((slice(0, h0), slice(None)), (slice(h1, None), slice(None)),
-                   (slice(h0, h1), slice(0, w0)), (slice(h0, h1), slice(w1, None))):
-        part = view[..., hs, ws]
-        if part.numel():
-            part.copy_(plane[..., hs, ws].expand_as(part))
+def _fill_outside(view: torch.Tensor, plane: torch.Tensor, cover) -> None:
+    """Write ``plane (1, C, 1, H, W)`` into the rows ``view`` outside ``cover``'s tiles."""
+    for rect in _complement(cover, *view.shape[3:]):
+        part = view[_rect_slices(rect)]
+        part.copy_(plane[_rect_slices(rect)].expand_as(part))
+
+
+class _Rows(NamedTuple):
+    """Output rows ``[q0, q1)`` of a :class:`_RowStream`, computed on the tiles of ``cover``.
+
+    ``tiles``: ``(z, rect)`` pairs, ``z (1, C, q1 - q0, rect's size)`` (``rect`` FULL: the plane);
+    ``flat``: all tiles' voxels as one ``(n, C)`` matrix, tile after tile (each tile row after row).
+    They live in buffers reused by the stream's next call.
+    """
+
+    tiles: list
+    q0: int
+    q1: int
+    cover: object
+    flat: torch.Tensor | None
 
 
 class _RowStream:
     """A 3x3x3, stride-1, zero-padding-1 convolution over a volume whose rows arrive in order.
 
     ``slot(n)`` returns the channels-last view where the caller writes the next ``n`` input
-    rows; ``conv()`` then returns ``(z, q0, q1, box)``: output rows ``[q0, q1)`` computed
-    inside ``box`` (``z`` has the box's size, lives in a buffer reused by the next call; it
-    is ``None`` for an ``EMPTY`` box), or ``None`` when no new row is computable yet. The
-    buffer holds ``[previous 2 rows | new rows | zero row after the volume]``, and a zero row
-    stands before row 0: every output row is computed once, from the same values as the
-    full convolution.
+    rows; ``conv()`` then returns the new output rows as :class:`_Rows`, or ``None`` when no
+    new row is computable yet. The buffer holds ``[previous 2 rows | new rows | zero row
+    after the volume]``, and a zero row stands before row 0: every output row is computed
+    once, from the same values as the full convolution.
 
-    ``box_fn(q0, q1)``, if given, tells where output rows ``[q0, q1)`` can differ from the
-    layer's background plane (``FULL``, ``EMPTY`` or ``(h0, h1, w0, w1)``); the convolution
-    then runs inside that box only (its input: the box grown by one voxel, zero outside the
-    volume).
+    ``covers(q0, q1)``, if given, tells where output rows ``[q0, q1)`` can differ from the
+    layer's background plane (a cover: ``FULL`` or disjoint tiles ``(h0, h1, w0, w1)``, see
+    :class:`_Covers`); the convolution then runs on each tile only (its input: the tile grown
+    by one voxel, zero outside the volume).
     """
 
-    def __init__(self, weight, bias, depth: int, hw: Sequence[int], rows: int, box_fn=None, relu: bool = False):
+    def __init__(self, weight, bias, depth: int, hw: Sequence[int], rows: int, covers=None, relu: bool = False):
         self.weight = weight.contiguous(memory_format=CL)
         self.bias = bias
         self.depth, self.hw = depth, tuple(hw)
-        self.box_fn, self.relu = box_fn, relu
+        self.covers, self.relu = covers, relu
         self.max_rows = rows + 2  # the last output chunk of an upstream stream is up to 2 rows longer
         # untouched rows of torch.empty memory cost no resident memory
         self.buf = _cl_empty(weight.shape[1], self.max_rows + 3, *hw)
@@ -305,13 +345,13 @@ class _RowStream:
         self.next_row += n
         return view
 
-    def _box_input(self, box) -> torch.Tensor:
-        """Rows ``[0, hi)`` of the buffer inside ``box`` grown by one voxel, zero outside the volume."""
-        (h, w), (h0, h1, w0, w1) = self.hw, box
+    def _box_input(self, rect) -> torch.Tensor:
+        """Rows ``[0, hi)`` of the buffer inside ``rect`` grown by one voxel, zero outside the volume."""
+        (h, w), (h0, h1, w0, w1) = self.hw, rect
         a0, a1, b0, b1 = max(h0 - 1, 0), min(h1 + 1, h), max(w0 - 1, 0), min(w1 + 1, w)
         x = self.box_in.cl(self.buf.shape[1], self.hi, h1 - h0 + 2, w1 - w0 + 2)
         if (a0, a1, b0, b1) != (h0 - 1, h1 + 1, w0 - 1, w1 + 1):
-            x.zero_()  # the box touches a face: the zero padding
+            x.zero_()  # the tile touches a face: the zero padding
         x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, : self.hi, a0:a1, b0:b1])
         return x
 
@@ -324,18 +364,19 @@ class _RowStream:
         if self.hi < 3:
             return None
         q0, q1 = self.row0 + 1, self.row0 + self.hi - 1
-        box = FULL if self.box_fn is None else self.box_fn(q0, q1)
+        cover = FULL if self.covers is None else self.covers(q0, q1)
         cout = self.weight.shape[0]
-        if box == EMPTY:
-            z = None
-        elif box == FULL:
+        if cover == FULL:
             z = self.out.cl(cout, q1 - q0, *self.hw) if onto is None else onto
             if z.shape[2] != q1 - q0:
                 raise ValueError(f"onto has {z.shape[2]} rows, the output {q1 - q0}")
             _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
+            tiles, flat = [(z, FULL)], _as_matrix(z)
         else:
-            z = self.out.cl(cout, q1 - q0, box[1] - box[0], box[3] - box[2])
-            _conv_into(z, self._box_input(box), self.weight, self.bias, (0, 0, 0), self.relu)
+            zs, flat = self.out.cls([(cout, q1 - q0, t[1] - t[0], t[3] - t[2]) for t in cover])
+            for z, rect in zip(zs, cover):
+                _conv_into(z, self._box_input(rect), self.weight, self.bias, (0, 0, 0), self.relu)
+            tiles, flat = list(zip(zs, cover)), flat.view(-1, cout)
         self.calls += 1
         if self.calls % 16 == 0:  # oneDNN's per-call allocations: do not let the heap keep them
             _release_free_memory()
@@ -344,7 +385,7 @@ class _RowStream:
         self.buf[:, :, :2].copy_(keep if self.hi >= 4 else keep.clone())  # no overlapping copy
         self.row0 += self.hi - 2
         self.hi = 2
-        return z, q0, q1, box
+        return _Rows(tiles, q0, q1, cover, flat)
 
 
 class _Moments:
@@ -353,7 +394,7 @@ class _Moments:
     Sums of ``z - shift`` and ``(z - shift)**2`` in float64 (per-chunk float32 sums use
     PyTorch's cascade summation); ``shift`` is the first chunk's channel mean, so the
     variance ``E[(z-shift)^2] - E[z-shift]^2`` has no cancellation. Background parts of rows
-    (a known plane outside a box) are counted from the plane's sums.
+    (a known plane outside a cover's tiles) are counted from the plane's sums.
     """
 
     def __init__(self, eps: float = 1e-5):
@@ -362,7 +403,7 @@ class _Moments:
         self.count = 0
         self.tmp = _Buffer()
         self._plane = None
-        self._inside = {}  # box -> the plane's sums inside it
+        self._inside = {}  # rect -> the plane's sums inside it
 
     def _start(self, shift: torch.Tensor) -> None:
         self.shift = shift
@@ -404,9 +445,9 @@ class _Moments:
         self.s2 += p2
         self.count += n
 
-    def add_outside(self, plane: torch.Tensor, box, nrows: int) -> None:
-        """Add ``nrows`` rows equal to ``plane (1, C, 1, H, W)`` outside ``box``."""
-        if box == FULL:
+    def add_outside(self, plane: torch.Tensor, cover, nrows: int) -> None:
+        """Add ``nrows`` rows equal to ``plane (1, C, 1, H, W)`` outside ``cover``'s tiles."""
+        if cover == FULL:
             return
         if self.shift is None:
             self._start(_as_matrix(plane).mean(0))
@@ -414,11 +455,11 @@ class _Moments:
             self._plane = self._sums(_as_matrix(plane))
         p1, p2 = self._plane
         n = plane.shape[3] * plane.shape[4]
-        if box != EMPTY:
-            if box not in self._inside:
-                inner = plane[_box_slices(box)].contiguous(memory_format=CL)
-                self._inside[box] = self._sums(_as_matrix(inner)) + (inner.shape[3] * inner.shape[4],)
-            b1, b2, nb = self._inside[box]
+        for rect in cover:
+            if rect not in self._inside:
+                inner = plane[_rect_slices(rect)].contiguous(memory_format=CL)
+                self._inside[rect] = self._sums(_as_matrix(inner)) + (inner.shape[3] * inner.shape[4],)
+            b1, b2, nb = self._inside[rect]
             p1, p2, n = p1 - b1, p2 - b2, n - nb
         self.s1 += nrows * p1
         self.s2 += nrows * p2
@@ -454,76 +495,98 @@ def _chunks(depth: int, rows: int):
 # =========================================================================================
 
 
-def _row_boxes(img: torch.Tensor, reach: int = 3) -> list:
-    """Per row of ``img (D0, D1, D2)``: where the encoder's output can differ from background.
-
-    With a zero background, encoder block ``L`` (``L = 1, 2, 3``) gives, at a row ``r`` with
-    ``reach <= r < D0 - reach`` and a voxel farther than ``L`` from every nonzero input voxel,
-    the value it gives on an all-zero image there: a per-layer background plane (constant
-    but for its ``L - 1`` outer voxels, where the zero padding differs from the background).
-    So a row can differ from the plane only inside the bounding box of the nonzero voxels of
-    rows ``r - 3 .. r + 3``, grown by 3 along axes 1 and 2 (and snapped outwards to multiples
-    of 16, so that few distinct shapes reach oneDNN). Rows near the axis-0 faces are ``FULL``;
-    rows with no nonzero voxel within reach are ``EMPTY``.
-    """
-    depth, h, w = img.shape
-    nz = img != 0
-    any_h, any_w = nz.any(2), nz.any(1)
-    boxes = []
-    for r in range(depth):
-        if r < reach or r >= depth - reach:
-            boxes.append(FULL)
-            continue
-        hh = any_h[r - reach : r + reach + 1].any(0).nonzero()
-        if len(hh) == 0:
-            boxes.append(EMPTY)
-            continue
-        ww = any_w[r - reach : r + reach + 1].any(0).nonzero()
-        h0, w0 = (max(int(t[0]) - reach, 0) // _SNAP * _SNAP for t in (hh, ww))
-        h1, w1 = (-(-(int(t[-1]) + 1 + reach) // _SNAP) * _SNAP for t in (hh, ww))
-        box = (h0, min(h1, h), w0, min(w1, w))
-        boxes.append(FULL if (box[1] - box[0]) * (box[3] - box[2]) > 0.85 * h * w else box)
-    return boxes
-
-
-def _union(boxes: list, q0: int, q1: int):
-    sel = [b for b in boxes[q0:q1] if b != EMPTY]
-    if not sel:
-        return EMPTY
-    if FULL in sel:
-        return FULL
-    return (min(b[0] for b in sel), max(b[1] for b in sel), min(b[2] for b in sel), max(b[3] for b in sel))
-
-
-def _keep_mask(img: torch.Tensor, reach: int, face: int = 3) -> torch.Tensor:
-    """Where encoder block ``reach`` (1, 2 or 3) can differ from its background plane: a bool
-    ``(D0, D1, D2)`` mask, the nonzero voxels of ``img`` dilated by ``reach`` along every axis
-    (a cube), and every voxel of the ``face`` rows at each axis-0 face (see :func:`_row_boxes`).
-    Within each row it lies inside that row's box."""
-    m = img != 0
-    for axis, n in enumerate(m.shape):  # a cube's dilation is separable: shifted ORs per axis
+def _dilate(mask: torch.Tensor, reach: int) -> torch.Tensor:
+    """A bool ``(D0, D1, D2)`` mask dilated by a ``(2 reach + 1)``-cube (separable: shifted ORs per axis)."""
+    m = mask
+    for axis, n in enumerate(m.shape):
         src, m = m, m.clone()
         for s in range(1, min(reach, n - 1) + 1):
             m.narrow(axis, s, n - s).logical_or_(src.narrow(axis, 0, n - s))
             m.narrow(axis, 0, n - s).logical_or_(src.narrow(axis, s, n - s))
+    return m
+
+
+def _keep_mask(img: torch.Tensor, reach: int, face: int = 3) -> torch.Tensor:
+    """Where encoder block ``reach`` (1, 2 or 3) can differ from its background plane: a bool
+    ``(D0, D1, D2)`` mask.
+
+    With a zero background, block ``L`` gives, at a voxel farther than ``L`` (along every axis)
+    from every nonzero voxel of ``img`` and at least 3 rows from the axis-0 faces, the value it
+    gives on an all-zero image there: a per-layer background plane (constant but for its
+    ``L - 1`` outer voxels in-plane, where the zero padding differs from the background). So
+    the mask is the nonzero voxels dilated by a ``(2 reach + 1)``-cube, plus every voxel of the
+    ``face`` rows at each axis-0 face.
+    """
+    m = _dilate(img != 0, reach)
     m[:face] = True
     m[m.shape[0] - face :] = True
     return m
 
 
+def _cover(mask: torch.Tensor):
+    """Disjoint tiles covering the ``True`` voxels of a bool ``(H, W)`` mask: a tuple of
+    ``(h0, h1, w0, w1)`` (``EMPTY``: none), or ``FULL`` when they would be most of the plane.
+
+    The plane is cut into bands of ``_BAND`` voxels along axis 1; each band's ``True`` voxels get
+    their bounding box, snapped outwards to multiples of ``_SNAP`` (few distinct shapes reach
+    oneDNN), and touching tiles with the same columns are merged. On a brain's cross-section
+    (an ellipse) this is about 0.5 of the plane where one bounding box is about 0.7.
+    """
+    h, w = mask.shape
+    nb = -(-h // _BAND)
+    if nb * _BAND != h:
+        mask = torch.cat([mask, mask.new_zeros(nb * _BAND - h, w)])
+    bands = mask.view(nb, _BAND, w)
+    rows, cols = bands.any(2), bands.any(1)  # (nb, _BAND), (nb, w)
+    found = rows.any(1).tolist()
+    r0, c0 = rows.byte().argmax(1).tolist(), cols.byte().argmax(1).tolist()
+    r1, c1 = rows.flip(1).byte().argmax(1).tolist(), cols.flip(1).byte().argmax(1).tolist()
+    tiles, area = [], 0
+    for b in range(nb):
+        if not found[b]:
+            continue
+        lo, hi = b * _BAND + r0[b], b * _BAND + _BAND - r1[b]  # rows [lo, hi) of the band
+        rect = [lo // _SNAP * _SNAP, min(-(-hi // _SNAP) * _SNAP, h),
+                c0[b] // _SNAP * _SNAP, min(-(-(w - c1[b]) // _SNAP) * _SNAP, w)]
+        area += (rect[1] - rect[0]) * (rect[3] - rect[2])
+        if tiles and tiles[-1][1] == rect[0] and tiles[-1][2:] == rect[2:]:
+            tiles[-1][1] = rect[1]
+        else:
+            tiles.append(rect)
+    if area > _FULL_FRACTION * h * w:
+        return FULL
+    return tuple(tuple(t) for t in tiles)
+
+
+class _Covers:
+    """``covers(q0, q1)``: the cover (see :func:`_cover`) of rows ``[q0, q1)`` of a keep mask, that
+    is where a layer's output rows can differ from its background plane (``keep=None``: ``FULL``
+    everywhere). Covers only grow with the rows: the cover of fewer rows lies in that of more."""
+
+    def __init__(self, keep: torch.Tensor | None):
+        self.keep, self._cache = keep, {}
+
+    def __call__(self, q0: int, q1: int):
+        if self.keep is None:
+            return FULL
+        if (q0, q1) not in self._cache:
+            self._cache[q0, q1] = _cover(self.keep[q0:q1].any(0))
+        return self._cache[q0, q1]
+
+
 class _Map:
-    """A channels-last map ``(1, C, D0, H, W)`` whose row ``r`` equals ``plane`` wherever ``boxes[r]``
+    """A channels-last map ``(1, C, D0, H, W)`` whose row ``r`` equals ``plane`` wherever ``covers(r, r + 1)``
     (dense) or ``keep[r]`` (ragged) says it cannot differ from it.
 
-    Dense (``keep=None``): one tensor; :meth:`set_plane` writes ``plane`` outside the boxes.
+    Dense (``keep=None``): one tensor; :meth:`set_plane` writes ``plane`` outside each row's cover.
     Ragged: only the voxels of the bool mask ``keep (D0, H, W)`` are stored, row after row in
     one flat buffer (each row an ``(n_r, C)`` matrix in in-plane raster order), the plane once;
-    on brain MRI that is about a third of the dense map. ``write`` takes rows computed inside a
-    box containing the rows' own boxes (true of every stream output, see :func:`_union`).
+    on brain MRI that is about a third of the dense map. ``write`` takes stream output rows
+    whose cover contains the ``keep`` voxels of those rows.
     """
 
-    def __init__(self, c: int, depth: int, hw: Sequence[int], boxes: list, keep: torch.Tensor | None = None):
-        self.c, self.depth, self.hw, self.boxes, self.keep = c, depth, tuple(hw), boxes, keep
+    def __init__(self, c: int, depth: int, hw: Sequence[int], covers, keep: torch.Tensor | None = None):
+        self.c, self.depth, self.hw, self.covers, self.keep = c, depth, tuple(hw), covers, keep
         self.ragged = keep is not None
         self.plane = None
         self._scratch = _Buffer()
@@ -544,36 +607,47 @@ class _Map:
         stored = self.data[a:b].view(-1, self.c)
         return (FULL if stored.shape[0] == self.hw[0] * self.hw[1] else self.keep[r].flatten().nonzero()[:, 0]), stored
 
-    def write(self, q0: int, z: torch.Tensor | None, box, add: bool = False) -> None:
-        """Rows ``q0 ..`` computed inside ``box`` (``z`` has the box's size; ``None``: ``EMPTY``)."""
-        if z is None:
-            return
+    def write(self, rows: _Rows, add: bool = False) -> None:
+        """Store (``add``: add to what is stored) a stream's output rows."""
+        q0, nrows = rows.q0, rows.q1 - rows.q0
         if not self.ragged:
-            dst = self.data[:, :, q0 : q0 + z.shape[2]][_box_slices(box)]
-            dst.add_(z) if add else dst.copy_(z)
+            for z, rect in rows.tiles:
+                dst = self.data[:, :, q0 : q0 + nrows][_rect_slices(rect)]
+                dst.add_(z) if add else dst.copy_(z)
             return
-        h0, h1, w0, w1 = (0, self.hw[0], 0, self.hw[1]) if box == FULL else box
-        for i in range(z.shape[2]):
+        hw = self.hw[0] * self.hw[1]
+        if rows.cover != FULL:  # where each in-plane position of row i is in rows.flat: lut + i * stride
+            lut, stride = torch.empty(self.hw, dtype=torch.long), torch.empty(self.hw, dtype=torch.long)
+            start = 0
+            for h0, h1, w0, w1 in rows.cover:
+                n = (h1 - h0) * (w1 - w0)
+                lut[h0:h1, w0:w1] = torch.arange(start, start + n).view(h1 - h0, w1 - w0)
+                stride[h0:h1, w0:w1] = n
+                start += n * nrows
+            lut, stride = lut.view(-1), stride.view(-1)
+        for i in range(nrows):
             kept = self._kept(q0 + i)
             if kept is None:
                 continue
             pos, dst = kept
-            src = _as_matrix(z[:, :, i : i + 1])
-            if pos is not FULL and box != FULL:  # positions inside the box
-                pos = (pos // self.hw[1] - h0) * (w1 - w0) + (pos % self.hw[1] - w0)
-            if pos is FULL:
+            if pos is FULL and rows.cover == FULL:
+                src = rows.flat[i * hw : (i + 1) * hw]
                 dst.add_(src) if add else dst.copy_(src)
-            elif add:
-                dst.add_(src.index_select(0, pos))
+                continue
+            if pos is FULL:
+                pos = torch.arange(hw)
+            idx = pos + i * hw if rows.cover == FULL else lut[pos] + stride[pos] * i
+            if add:
+                dst.add_(rows.flat.index_select(0, idx))
             else:
-                torch.index_select(src, 0, pos, out=dst)
+                torch.index_select(rows.flat, 0, idx, out=dst)
 
     def set_plane(self, plane: torch.Tensor) -> None:
-        """The raw background plane ``(1, C, 1, H, W)`` (dense maps: written outside the boxes)."""
+        """The raw background plane ``(1, C, 1, H, W)`` (dense maps: written outside each row's cover)."""
         self.plane = plane
         if not self.ragged:
             for r in range(self.depth):
-                _fill_outside(self.data[:, :, r : r + 1], plane, self.boxes[r])
+                _fill_outside(self.data[:, :, r : r + 1], plane, self.covers(r, r + 1))
 
     def read(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` as a dense ``(1, C, k, H, W)`` tensor (ragged: a reused buffer, or
@@ -644,9 +718,10 @@ class _Encoder:
         self.w1_mat = self.w[0].reshape(self.n, 27).t().contiguous()  # block 1: (voxels, 27) @ (27, N)
         self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
         self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
-        self.boxes = boxes = _row_boxes(img) if skip_background else [FULL] * self.depth
         self.img, self.skip_background = img, skip_background
-        self.box_fn = lambda q0, q1: _union(boxes, q0, q1)  # (no reference to self: no cycle to outlive us)
+        # where blocks 1-2 and block 3 compute (block 1 needs keep_1 only; keep_2 contains it)
+        self.covers2 = _Covers(self.keep2 if skip_background else None)
+        self.covers3 = _Covers(self.keep3 if skip_background else None)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
         self.cols, self.z1 = _Buffer(), _Buffer()
 
@@ -657,14 +732,14 @@ class _Encoder:
         return _conv_into(out, plane_in.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL), w,
                           self.b[layer] if bias else None, (0, 1, 1))
 
-    def conv1(self, r0: int, r1: int, box) -> torch.Tensor:
-        """Block 1's raw convolution of rows ``[r0, r1)`` inside ``box`` (an im2col product).
+    def conv1(self, r0: int, r1: int, rect) -> torch.Tensor:
+        """Block 1's raw convolution of rows ``[r0, r1)`` inside ``rect`` (an im2col product).
 
         The image is zero-padded by one voxel, so padded rows ``r0 .. r1 + 1`` hold the
         neighbourhoods; its 27 shifted copies (tap order ``kd, kh, kw``, PyTorch's) form the
         im2col matrix.
         """
-        h0, h1, w0, w1 = (0, self.hw[0], 0, self.hw[1]) if box == FULL else box
+        h0, h1, w0, w1 = (0, self.hw[0], 0, self.hw[1]) if rect == FULL else rect
         d, h, w = r1 - r0, h1 - h0, w1 - w0
         cols = self.cols.plain(27, d, h, w)
         for i in range(27):
@@ -678,23 +753,23 @@ class _Encoder:
         """Block 1's moments (one pass), and the background planes that follow from them."""
         mom = _Moments(self.eps[0])
         for r0, r1 in _chunks(self.depth, max(self.rows, 4)):
-            box = self.box_fn(r0, r1)
-            if box != EMPTY:
-                mom.add(self.conv1(r0, r1, box))
-            mom.add_outside(self.z1_plane, box, r1 - r0)
+            cover = self.covers2(r0, r1)
+            for rect in _rects(cover):
+                mom.add(self.conv1(r0, r1, rect))
+            mom.add_outside(self.z1_plane, cover, r1 - r0)
         self.norm1 = mom.affine()
         self.a1_plane = _norm_prelu_(self.z1_plane.clone(memory_format=CL), *self.norm1, self.slope[0])
         self.z2_plane = self.plane_after(1, self.a1_plane)
         _release_free_memory()
 
     def block2(self, channels: slice):
-        """Yield ``(z2, q0, q1, box)``: raw output ``channels`` of block 2, row by row."""
-        s2 = _RowStream(self.w[1][channels], self.b[1][channels], self.depth, self.hw, self.rows, self.box_fn)
+        """Yield :class:`_Rows` of block 2's raw output ``channels``, row by row."""
+        s2 = _RowStream(self.w[1][channels], self.b[1][channels], self.depth, self.hw, self.rows, self.covers2)
         for r0, r1 in _chunks(self.depth, self.rows):
-            slot, box = s2.slot(r1 - r0), self.box_fn(r0, r1)
-            _fill_background(slot, self.a1_plane, box)
-            if box != EMPTY:
-                _norm_prelu_into(slot[_box_slices(box)], self.conv1(r0, r1, box), *self.norm1, self.slope[0])
+            slot, cover = s2.slot(r1 - r0), self.covers2(r0, r1)
+            _fill_background(slot, self.a1_plane, cover)
+            for rect in _rects(cover):
+                _norm_prelu_into(slot[_rect_slices(rect)], self.conv1(r0, r1, rect), *self.norm1, self.slope[0])
             res = s2.conv()
             if res is not None:
                 yield res
@@ -703,21 +778,21 @@ class _Encoder:
         """A pass of block 2 (output ``channels``, background ``plane``): the InstanceNorm
         ``(scale, offset)`` of those channels; ``store``: also keep the raw rows there."""
         mom = _Moments(self.eps[1])
-        for z2, q0, q1, box in self.block2(channels):
+        for z2 in self.block2(channels):
             if store is not None:
-                store.write(q0, z2, box)
-            if z2 is not None:
-                mom.add(z2)
-            mom.add_outside(plane, box, q1 - q0)
+                store.write(z2)
+            if z2.tiles:
+                mom.add_matrix(z2.flat)
+            mom.add_outside(plane, z2.cover, z2.q1 - z2.q0)
         _release_free_memory()
         return mom.affine()
 
-    def feed3(self, s3: _RowStream, z2, nrows: int, box, norm2, a2_plane):
-        """Push ``nrows`` rows of block 2 (raw, inside ``box``) into block 3's stream, activated."""
+    def feed3(self, s3: _RowStream, tiles, nrows: int, cover, norm2, a2_plane):
+        """Push ``nrows`` rows of block 2 (raw, ``(z, rect)`` tiles of ``cover``) into block 3's stream, activated."""
         slot = s3.slot(nrows)
-        _fill_background(slot, a2_plane, box)
-        if z2 is not None:
-            _norm_prelu_into(slot[_box_slices(box)], z2, *norm2, self.slope[1])
+        _fill_background(slot, a2_plane, cover)
+        for z2, rect in tiles:
+            _norm_prelu_into(slot[_rect_slices(rect)], z2, *norm2, self.slope[1])
         return s3.conv()
 
     @functools.cached_property
@@ -748,7 +823,7 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
     ``split=G`` (a divisor of 2N) stores block 2's raw output in ``G`` groups of 2N/G
     channels, one group at a time (ragged), no recomputation. ``skip_background``: compute
     rows only where they can differ from the zero background's response (exact, see
-    :func:`_row_boxes`; nothing is skipped in images without exactly-zero background).
+    :func:`_keep_mask`; nothing is skipped in images without exactly-zero background).
     """
     e = _Encoder(net, img, rows, skip_background) if _encoder is None else _encoder
     depth, hw, n2 = e.depth, e.hw, e.w[1].shape[0]
@@ -756,19 +831,19 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
         raise ValueError(f"split must divide {n2}, got {split}")
     e.block1_norm()
     # block 3's raw output, normalised in place at the end
-    out = _Map(e.n, depth, hw, e.boxes, e.keep3 if ragged else None)
+    out = _Map(e.n, depth, hw, e.covers3, e.keep3 if ragged else None)
     if not split:  # a pass for block 2's moments, a second one feeding block 3
         norm2 = e.block2_norm(slice(None), e.z2_plane)
         a2_plane = _norm_prelu_(e.z2_plane.clone(memory_format=CL), *norm2, e.slope[1])
-        s3 = _RowStream(e.w[2], e.b[2], depth, hw, rows, e.box_fn)
-        for z2, q0, q1, box in e.block2(slice(None)):
-            res = e.feed3(s3, z2, q1 - q0, box, norm2, a2_plane)
+        s3 = _RowStream(e.w[2], e.b[2], depth, hw, rows, e.covers3)
+        for z2 in e.block2(slice(None)):
+            res = e.feed3(s3, z2.tiles, z2.q1 - z2.q0, z2.cover, norm2, a2_plane)
             if res is not None:
-                out.write(res[1], res[0], res[3])
+                out.write(res)
         out.set_plane(e.plane_after(2, a2_plane))
     else:  # block 2 group by group; block 3 = the sum of the groups' partial outputs
         g = n2 // split
-        buf = _Map(g, depth, hw, e.boxes, e.keep2)
+        buf = _Map(g, depth, hw, e.covers2, e.keep2)
         z3_plane = None
         for k in range(split):
             sl = slice(k * g, (k + 1) * g)
@@ -777,15 +852,16 @@ def encode(net: EOIR, img: torch.Tensor, *, split: int = 0, rows: int = 2, skip_
             a2_plane = _norm_prelu_(buf.plane.clone(memory_format=CL), *norm2, e.slope[1])
             part = e.plane_after(2, a2_plane, sl, bias=k == 0)
             z3_plane = part if z3_plane is None else z3_plane.add_(part)
-            s3 = _RowStream(e.w[2][:, sl], e.b[2] if k == 0 else None, depth, hw, rows, e.box_fn)
+            s3 = _RowStream(e.w[2][:, sl], e.b[2] if k == 0 else None, depth, hw, rows, e.covers3)
             for r0, r1 in _chunks(depth, rows):
-                box = e.box_fn(r0, r1)
-                z2 = None if box == EMPTY else buf.read(r0, r1)[_box_slices(box)]
+                cover = e.covers2(r0, r1)
+                z2 = buf.read(r0, r1) if cover != EMPTY else None
+                tiles = [(z2[_rect_slices(rect)], rect) for rect in _rects(cover)]
                 if k == split - 1:
                     buf.release_before(r1)  # read into a buffer: the last group's rows are done with
-                res = e.feed3(s3, z2, r1 - r0, box, norm2, a2_plane)
+                res = e.feed3(s3, tiles, r1 - r0, cover, norm2, a2_plane)
                 if res is not None:
-                    out.write(res[1], res[0], res[3], add=k > 0)
+                    out.write(res, add=k > 0)
             del s3
             _release_free_memory()
         del buf
@@ -891,7 +967,7 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     of the upsampled coarser field (``None`` at the coarsest level): the warped moving
     features are made row by row. The three convolutions are chained :class:`_RowStream` s,
     ReLU fused into the first two; with a ragged, mostly-background ``y`` the first one is split
-    into its fixed part (in ``y``'s boxes) and its moving part. Returns ``v (1, 3, D0, D1, D2)``
+    into its fixed part (on the tiles of ``y``'s kept voxels) and its moving part. Returns ``v (1, 3, D0, D1, D2)``
     contiguous.
     """
     n = x.shape[1]
@@ -902,15 +978,14 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     ]
     v = torch.empty((1, 3, depth) + hw)
     grid = _Buffer()
-    # skull-stripped fixed features: the first convolution as its fixed part, computed in y's boxes
-    # only, plus its moving part (the input's two halves are y + x and y - x: W = [Wa, Wb] acts as
+    # skull-stripped fixed features: the first convolution as its fixed part, computed on the tiles of
+    # y's kept voxels (grown by the kernel's reach) only, plus its moving part (the input's two halves are y + x and y - x: W = [Wa, Wb] acts as
     # (Wa + Wb) on y and (Wa - Wb) on x)
     split = isinstance(y, _Map) and y.ragged and 2 * int(y.keep.sum()) < y.keep.numel()
     if split:
         w1 = convs[0].weight.detach()
         wy, wx = w1[:, :n] + w1[:, n:], w1[:, :n] - w1[:, n:]
-        boxes = _row_boxes(y.keep, reach=1)
-        sy = _RowStream(wy, None, depth, hw, rows, box_fn=lambda q0, q1: _union(boxes, q0, q1))
+        sy = _RowStream(wy, None, depth, hw, rows, covers=_Covers(_dilate(y.keep, 1)))
         streams[0] = _RowStream(wx, convs[0].bias.detach(), depth, hw, rows, relu=True)
         y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw), y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL),
                              wy, None, (0, 1, 1))
@@ -921,11 +996,10 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
         for stream in streams[1:]:
             if res is None:
                 return
-            z, q0, q1, _ = res
-            stream.slot(q1 - q0).copy_(z)
+            stream.slot(res.q1 - res.q0).copy_(res.tiles[0][0])  # (these streams have FULL covers)
             res = stream.conv()
         if res is not None:
-            v[:, :, res[1] : res[2]] = res[0]
+            v[:, :, res.q0 : res.q1] = res.tiles[0][0]
 
     for r0, r1 in _chunks(depth, rows):
         if up_rows is None:
@@ -952,12 +1026,10 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
         if res is None:
             feed(streams[0].conv())  # nothing computable yet (returns None too)
             continue
-        zy, q0, q1, box = res
-        onto = acc.cl(y_plane.shape[1], q1 - q0, *hw)
-        if box != FULL:
-            onto.copy_(y_plane.expand_as(onto))
-        if zy is not None:
-            onto[_box_slices(box)].copy_(zy)
+        onto = acc.cl(y_plane.shape[1], res.q1 - res.q0, *hw)
+        _fill_background(onto, y_plane, res.cover)
+        for zy, rect in res.tiles:
+            onto[_rect_slices(rect)].copy_(zy)
         feed(streams[0].conv(onto=onto))  # relu(conv(wx, x) + bias + conv(wy, y))
     return v
 
