@@ -98,18 +98,28 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
         ddf = lean_forward(net, x, store_limit=limit)
         assert splits == expected and (ddf - ref).abs().max().item() < 1e-4
 
-def test_split_first_convolution_is_used_on_brains(monkeypatch):
-    """On skull-stripped input the finest estimator's first convolution runs as its fixed part
-    (in boxes) plus its moving part added onto it, and still gives EOIR's field."""
-    onto_calls = []
+def test_split_first_convolution_skips_the_fixed_background(monkeypatch):
+    """The finest estimator's first convolution runs as its fixed part, on tiles of the fixed
+    brain only, plus its moving part added onto it (every level: added once per output chunk),
+    and still gives EOIR's field."""
+    fixed_covers, onto_calls = [], []
     real = _RowStream.conv
-    monkeypatch.setattr(_RowStream, "conv", lambda self, onto=None: onto_calls.append(onto is not None) or real(self, onto))
+
+    def conv(self, onto=None, into=None):
+        res = real(self, onto, into)
+        onto_calls.append(onto is not None)
+        if self.covers is not None and res is not None:
+            fixed_covers.append(res.cover)
+        return res
+
+    monkeypatch.setattr(_RowStream, "conv", conv)
     net, x = _net(8), _brain()
     with torch.no_grad():
         ref = net(x)
     ddf = lean_forward(net, x)
-    depth = -(-x.shape[2] // 16) * 16  # padded to a multiple of 16
-    assert sum(onto_calls) == depth // 2  # one per input chunk of level 0 (2 rows each)
+    assert any(c != FULL and c != EMPTY for c in fixed_covers)  # tiles of the fixed brain, at level 0
+    padded = [-(-s // 16) * 16 for s in x.shape[2:]]
+    assert sum(onto_calls) == sum(-(-(padded[0] >> level) // 2) for level in range(5))
     assert (ddf - ref).abs().max().item() < 1e-4
 
 

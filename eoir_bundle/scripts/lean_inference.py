@@ -355,9 +355,16 @@ class _RowStream:
         x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, : self.hi, a0:a1, b0:b1])
         return x
 
-    def conv(self, onto: torch.Tensor | None = None):
-        """``onto``: a full-plane ``(1, C_out, rows, H, W)`` tensor the output is added to (in
-        place, before the ReLU) and returned as ``z``; it must have the output rows' count."""
+    def pending(self) -> int:
+        """How many output rows the next :meth:`conv` gives (0: none yet)."""
+        end = self.next_row == self.depth and self.row0 + self.hi == self.depth
+        return max(self.hi + end - 2, 0)
+
+    def conv(self, onto: torch.Tensor | None = None, into: torch.Tensor | None = None):
+        """``onto``: a full-plane ``(1, C_out, rows, H, W)`` channels-last tensor the output is added
+        to (in place, before the ReLU); ``into``: one it is written to (e.g. the next stream's
+        :meth:`slot`). Either is then the output's one tile; it must have :meth:`pending` rows.
+        Both are for ``FULL`` covers only: tiled covers are written to the stream's buffer."""
         if self.next_row == self.depth and self.row0 + self.hi == self.depth:  # volume end: zero padding row
             self.buf[:, :, self.hi].zero_()
             self.hi += 1
@@ -367,9 +374,9 @@ class _RowStream:
         cover = FULL if self.covers is None else self.covers(q0, q1)
         cout = self.weight.shape[0]
         if cover == FULL:
-            z = self.out.cl(cout, q1 - q0, *self.hw) if onto is None else onto
+            z = onto if onto is not None else into if into is not None else self.out.cl(cout, q1 - q0, *self.hw)
             if z.shape[2] != q1 - q0:
-                raise ValueError(f"onto has {z.shape[2]} rows, the output {q1 - q0}")
+                raise ValueError(f"onto/into has {z.shape[2]} rows, the output {q1 - q0}")
             _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
             tiles, flat = [(z, FULL)], _as_matrix(z)
         else:
@@ -959,6 +966,20 @@ def _upsample_rows(u: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 # =========================================================================================
 
 
+def _padded(weight: torch.Tensor, bias: torch.Tensor, cout: int, cin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's weight and bias zero-padded to ``cout`` output and ``cin`` input channels.
+
+    The same values: extra outputs are 0 (and stay 0 through a ReLU), extra inputs meet zero
+    weights. oneDNN's AVX2 kernels are faster on multiples of 8 channels: at 2 rows of the
+    full plane, 64 -> 27 takes 93 ms and 64 -> 32 71 ms; 27 -> 3 15 ms and 32 -> 8 12 ms.
+    """
+    w = weight.new_zeros((cout, cin) + tuple(weight.shape[2:]))
+    w[: weight.shape[0], : weight.shape[1]] = weight
+    b = bias.new_zeros(cout)
+    b[: bias.shape[0]] = bias
+    return w, b
+
+
 def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool = False) -> torch.Tensor:
     """Velocity ``v = est(warp(x, up), y)`` of one level, streamed by rows.
 
@@ -966,71 +987,66 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     :class:`_Map` (``consume_y``: its rows are released once read). ``up_rows(r0, r1)`` gives rows
     of the upsampled coarser field (``None`` at the coarsest level): the warped moving
     features are made row by row. The three convolutions are chained :class:`_RowStream` s,
-    ReLU fused into the first two; with a ragged, mostly-background ``y`` the first one is split
-    into its fixed part (on the tiles of ``y``'s kept voxels) and its moving part. Returns ``v (1, 3, D0, D1, D2)``
-    contiguous.
+    each writing straight into the next one's input rows, ReLU fused into the first two:
+
+    * the first one's input halves are ``y + x`` and ``y - x``, so its weight ``[Wa, Wb]`` acts
+      as ``(Wa + Wb)`` on ``y`` plus ``(Wa - Wb)`` on ``x``: two ``N``-channel convolutions (at
+      2 rows of the full plane, two 32 -> 64 take 126 ms where one 64 -> 64 takes 161 ms), the
+      moving one added onto the fixed one by oneDNN's "add" fusion before the ReLU. With a ragged
+      ``y`` the fixed one runs on the tiles of ``y``'s kept voxels grown by one (its plane's
+      response elsewhere);
+    * the 27-channel map and the 3-channel output are zero-padded to 32 and 8 channels
+      (:func:`_padded`).
+
+    Returns ``v (1, 3, D0, D1, D2)`` contiguous.
     """
     n = x.shape[1]
     depth, hw = x.shape[2], tuple(x.shape[3:])
-    convs = [est.features[0].conv, est.features[1].conv, est.flow.conv]
-    streams = [
-        _RowStream(c.weight.detach(), c.bias.detach(), depth, hw, rows, relu=i < 2) for i, c in enumerate(convs)
-    ]
+    c1, c2, c3 = est.features[0].conv, est.features[1].conv, est.flow.conv
+    w1 = c1.weight.detach()
+    wy, wx = w1[:, :n] + w1[:, n:], w1[:, :n] - w1[:, n:]
+    m2, m3 = (-(-c.weight.shape[0] // 8) * 8 for c in (c2, c3))
+    w2, b2 = _padded(c2.weight.detach(), c2.bias.detach(), m2, c2.weight.shape[1])
+    w3, b3 = _padded(c3.weight.detach(), c3.bias.detach(), m3, m2)
+    ragged = isinstance(y, _Map) and y.ragged
+    sy = _RowStream(wy, None, depth, hw, rows, covers=_Covers(_dilate(y.keep, 1)) if ragged else None)
+    sx = _RowStream(wx, c1.bias.detach(), depth, hw, rows, relu=True)
+    s2 = _RowStream(w2, b2, depth, hw, rows, relu=True)
+    s3 = _RowStream(w3, b3, depth, hw, rows)
+    if ragged:  # the fixed part's response to y's background plane
+        y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw),
+                             y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL), wy, None, (0, 1, 1))
     v = torch.empty((1, 3, depth) + hw)
     grid = _Buffer()
-    # skull-stripped fixed features: the first convolution as its fixed part, computed on the tiles of
-    # y's kept voxels (grown by the kernel's reach) only, plus its moving part (the input's two halves are y + x and y - x: W = [Wa, Wb] acts as
-    # (Wa + Wb) on y and (Wa - Wb) on x)
-    split = isinstance(y, _Map) and y.ragged and 2 * int(y.keep.sum()) < y.keep.numel()
-    if split:
-        w1 = convs[0].weight.detach()
-        wy, wx = w1[:, :n] + w1[:, n:], w1[:, :n] - w1[:, n:]
-        sy = _RowStream(wy, None, depth, hw, rows, covers=_Covers(_dilate(y.keep, 1)))
-        streams[0] = _RowStream(wx, convs[0].bias.detach(), depth, hw, rows, relu=True)
-        y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw), y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL),
-                             wy, None, (0, 1, 1))
-        acc = _Buffer()
-
-    def feed(res) -> None:
-        """Hand the first stream's output rows down the chain, and the last one's to ``v``."""
-        for stream in streams[1:]:
-            if res is None:
-                return
-            stream.slot(res.q1 - res.q0).copy_(res.tiles[0][0])  # (these streams have FULL covers)
-            res = stream.conv()
-        if res is not None:
-            v[:, :, res.q0 : res.q1] = res.tiles[0][0]
-
     for r0, r1 in _chunks(depth, rows):
         if up_rows is None:
-            xw = x[:, :, r0:r1]
+            sx.slot(r1 - r0).copy_(x[:, :, r0:r1])
         else:
             g = grid.plain(1, r1 - r0, hw[0], hw[1], 3)
-            xw = _sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g))
+            sx.slot(r1 - r0).copy_(_sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g)))
         if isinstance(y, _Map):
-            yr = y.read(r0, r1, out=sy.slot(r1 - r0) if split else None)  # split: straight into its stream
+            y.read(r0, r1, out=sy.slot(r1 - r0))
             if consume_y:
-                y.release_before(r1)  # read into a buffer: the stored rows are done with
+                y.release_before(r1)  # read into the stream: the stored rows are done with
         else:
-            yr = y[:, :, r0:r1]
-        if not split:
-            slot = streams[0].slot(r1 - r0)
-            torch.add(yr, xw, out=slot[:, :n])  # cat([y + x, y - x], 1)
-            torch.sub(yr, xw, out=slot[:, n:])
-            del xw, yr, slot
-            feed(streams[0].conv())
-            continue
-        streams[0].slot(r1 - r0).copy_(xw)
-        del xw, yr
-        res = sy.conv()
+            sy.slot(r1 - r0).copy_(y[:, :, r0:r1])
+        k = sy.pending()
+        z1 = s2.slot(k) if k else None  # the first convolution's output rows
+        res = sy.conv(into=z1)
         if res is None:
-            feed(streams[0].conv())  # nothing computable yet (returns None too)
+            sx.conv()  # nothing computable yet (returns None too)
             continue
-        onto = acc.cl(y_plane.shape[1], res.q1 - res.q0, *hw)
-        _fill_background(onto, y_plane, res.cover)
-        for zy, rect in res.tiles:
-            onto[_rect_slices(rect)].copy_(zy)
-        feed(streams[0].conv(onto=onto))  # relu(conv(wx, x) + bias + conv(wy, y))
+        if res.cover != FULL:
+            _fill_background(z1, y_plane, res.cover)
+            for zy, rect in res.tiles:
+                z1[_rect_slices(rect)].copy_(zy)
+        sx.conv(onto=z1)  # relu(conv(wx, x) + bias + conv(wy, y))
+        k = s2.pending()
+        if s2.conv(into=s3.slot(k) if k else None) is None:
+            continue
+        res = s3.conv()
+        if res is not None:
+            v[:, :, res.q0 : res.q1] = res.tiles[0][0][:, :3]
     return v
 
 
