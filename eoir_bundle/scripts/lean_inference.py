@@ -312,9 +312,10 @@ class _RowStream:
 
     ``slot(n)`` returns the channels-last view where the caller writes the next ``n`` input
     rows; ``conv()`` then returns the new output rows as :class:`_Rows`, or ``None`` when no
-    new row is computable yet. The buffer holds ``[previous 2 rows | new rows | zero row
-    after the volume]``, and a zero row stands before row 0: every output row is computed
-    once, from the same values as the full convolution.
+    new row is computable yet. Its input is a window of the buffer, ``[previous 2 rows | new
+    rows | zero row after the volume]``, and a zero row stands before row 0: every output row
+    is computed once, from the same values as the full convolution. The window slides down a
+    buffer of a few chunks; only when it reaches the end are its 2 rows moved to the front.
 
     ``covers(q0, q1)``, if given, tells where output rows ``[q0, q1)`` can differ from the
     layer's background plane (a cover: ``FULL`` or disjoint tiles ``(h0, h1, w0, w1)``, see
@@ -329,16 +330,22 @@ class _RowStream:
         self.covers, self.relu = covers, relu
         self.max_rows = rows + 2  # the last output chunk of an upstream stream is up to 2 rows longer
         # untouched rows of torch.empty memory cost no resident memory
-        self.buf = _cl_empty(weight.shape[1], self.max_rows + 3, *hw)
+        self.buf = _cl_empty(weight.shape[1], self.max_rows + 4 + 2 * rows, *hw)
         self.buf[:, :, 0].zero_()
-        self.row0 = -1  # volume row held by buffer row 0 (the zero row before the volume)
-        self.hi = 1  # buffer rows [0, hi) are valid
+        self.row0 = -1  # volume row held by buffer row lo (the zero row before the volume)
+        self.lo, self.hi = 0, 1  # the window: buffer rows [lo, hi)
         self.next_row = 0  # next input row the caller writes
         self.out, self.box_in = _Buffer(), _Buffer()
         self.calls = 0
 
     def slot(self, n: int) -> torch.Tensor:
-        if not 0 < n <= self.max_rows or self.next_row + n > self.depth or self.hi + n > self.buf.shape[2] - 1:
+        if not 0 < n <= self.max_rows or self.next_row + n > self.depth:
+            raise ValueError(f"bad row count {n} at row {self.next_row} of {self.depth}")
+        if self.hi + n > self.buf.shape[2] - 1:  # no room for n rows and the end's zero row: window to the front
+            keep = self.buf[:, :, self.lo : self.hi]
+            self.buf[:, :, : self.hi - self.lo].copy_(keep if self.lo >= self.hi - self.lo else keep.clone())
+            self.lo, self.hi = 0, self.hi - self.lo
+        if self.hi + n > self.buf.shape[2] - 1:
             raise ValueError(f"bad row count {n} at row {self.next_row} of {self.depth}")
         view = self.buf[:, :, self.hi : self.hi + n]
         self.hi += n
@@ -346,38 +353,38 @@ class _RowStream:
         return view
 
     def _box_input(self, rect) -> torch.Tensor:
-        """Rows ``[0, hi)`` of the buffer inside ``rect`` grown by one voxel, zero outside the volume."""
+        """The window's rows inside ``rect`` grown by one voxel, zero outside the volume."""
         (h, w), (h0, h1, w0, w1) = self.hw, rect
         a0, a1, b0, b1 = max(h0 - 1, 0), min(h1 + 1, h), max(w0 - 1, 0), min(w1 + 1, w)
-        x = self.box_in.cl(self.buf.shape[1], self.hi, h1 - h0 + 2, w1 - w0 + 2)
+        x = self.box_in.cl(self.buf.shape[1], self.hi - self.lo, h1 - h0 + 2, w1 - w0 + 2)
         if (a0, a1, b0, b1) != (h0 - 1, h1 + 1, w0 - 1, w1 + 1):
             x.zero_()  # the tile touches a face: the zero padding
-        x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, : self.hi, a0:a1, b0:b1])
+        x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, self.lo : self.hi, a0:a1, b0:b1])
         return x
 
     def pending(self) -> int:
         """How many output rows the next :meth:`conv` gives (0: none yet)."""
-        end = self.next_row == self.depth and self.row0 + self.hi == self.depth
-        return max(self.hi + end - 2, 0)
+        n = self.hi - self.lo
+        return max(n + (self.next_row == self.depth and self.row0 + n == self.depth) - 2, 0)
 
     def conv(self, onto: torch.Tensor | None = None, into: torch.Tensor | None = None):
         """``onto``: a full-plane ``(1, C_out, rows, H, W)`` channels-last tensor the output is added
         to (in place, before the ReLU); ``into``: one it is written to (e.g. the next stream's
         :meth:`slot`). Either is then the output's one tile; it must have :meth:`pending` rows.
         Both are for ``FULL`` covers only: tiled covers are written to the stream's buffer."""
-        if self.next_row == self.depth and self.row0 + self.hi == self.depth:  # volume end: zero padding row
+        if self.next_row == self.depth and self.row0 + self.hi - self.lo == self.depth:  # volume end: zero padding row
             self.buf[:, :, self.hi].zero_()
             self.hi += 1
-        if self.hi < 3:
+        if self.hi - self.lo < 3:
             return None
-        q0, q1 = self.row0 + 1, self.row0 + self.hi - 1
+        q0, q1 = self.row0 + 1, self.row0 + self.hi - self.lo - 1
         cover = FULL if self.covers is None else self.covers(q0, q1)
         cout = self.weight.shape[0]
         if cover == FULL:
             z = onto if onto is not None else into if into is not None else self.out.cl(cout, q1 - q0, *self.hw)
             if z.shape[2] != q1 - q0:
                 raise ValueError(f"onto/into has {z.shape[2]} rows, the output {q1 - q0}")
-            _conv_into(z, self.buf[:, :, : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
+            _conv_into(z, self.buf[:, :, self.lo : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
             tiles, flat = [(z, FULL)], _as_matrix(z)
         else:
             zs, flat = self.out.cls([(cout, q1 - q0, t[1] - t[0], t[3] - t[2]) for t in cover])
@@ -387,11 +394,9 @@ class _RowStream:
         self.calls += 1
         if self.calls % 16 == 0:  # oneDNN's per-call allocations: do not let the heap keep them
             _release_free_memory()
-        # only the last two rows are needed by the next output row: move them to the front
-        keep = self.buf[:, :, self.hi - 2 : self.hi]
-        self.buf[:, :, :2].copy_(keep if self.hi >= 4 else keep.clone())  # no overlapping copy
-        self.row0 += self.hi - 2
-        self.hi = 2
+        # only the last two rows are needed by the next output row: the window starts there
+        self.row0 += self.hi - 2 - self.lo
+        self.lo = self.hi - 2
         return _Rows(tiles, q0, q1, cover, flat)
 
 
@@ -902,18 +907,20 @@ def _grid_rows(ddf_rows: torch.Tensor, r0: int, shape: Sequence[int], out: torch
     return grid
 
 
-def _sample(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``grid_sample`` (trilinear, zeros, align_corners) of ``img (1, C, ...)`` at ``grid (1, d, H, W, 3)``.
+def _sample(img: torch.Tensor, grid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` (trilinear, zeros, align_corners) of ``img (1, C, ...)`` at ``grid (1, d, H, W, 3)``,
+    copied into ``out (1, C, d, H, W)`` (any strides, e.g. a stream's channels-last slot) and returned.
 
     Split in two along axis 1 and run as a batch of two (``img`` expanded, not copied): the
-    3D CPU sampler parallelises over the batch only. Returns ``(1, C, d, H, W)``.
+    3D CPU sampler parallelises over the batch only.
     """
     h = grid.shape[2]
     if h % 2 or torch.get_num_threads() < 2:
-        return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return out.copy_(F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
     g2 = grid.view(grid.shape[1], 2, h // 2, *grid.shape[3:]).transpose(0, 1)
-    out = F.grid_sample(img.expand(2, -1, -1, -1, -1), g2, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.permute(1, 2, 0, 3, 4).reshape(1, img.shape[1], grid.shape[1], h, grid.shape[3])
+    res = F.grid_sample(img.expand(2, -1, -1, -1, -1), g2, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out[0].unflatten(2, (2, h // 2)).permute(2, 0, 1, 3, 4).copy_(res)  # the halves back in place
+    return out
 
 
 def _warp(img: torch.Tensor, ddf: torch.Tensor, rows: int = 16) -> torch.Tensor:
@@ -923,7 +930,7 @@ def _warp(img: torch.Tensor, ddf: torch.Tensor, rows: int = 16) -> torch.Tensor:
     grid = _Buffer()
     for r0, r1 in _chunks(shape[0], rows):
         g = grid.plain(1, r1 - r0, shape[1], shape[2], 3)
-        out[:, :, r0:r1] = _sample(img, _grid_rows(ddf[:, :, r0:r1], r0, shape, g))
+        _sample(img, _grid_rows(ddf[:, :, r0:r1], r0, shape, g), out[:, :, r0:r1])
     return out
 
 
@@ -1023,7 +1030,7 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
             sx.slot(r1 - r0).copy_(x[:, :, r0:r1])
         else:
             g = grid.plain(1, r1 - r0, hw[0], hw[1], 3)
-            sx.slot(r1 - r0).copy_(_sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g)))
+            _sample(x, _grid_rows(up_rows(r0, r1), r0, (depth,) + hw, g), sx.slot(r1 - r0))
         if isinstance(y, _Map):
             y.read(r0, r1, out=sy.slot(r1 - r0))
             if consume_y:
