@@ -39,17 +39,18 @@ agrees with itself run in another memory format, see the benchmark):
   moments, then again feeding block 3). :func:`lean_forward` picks, per image, the fastest
   that fits its memory rule (:func:`_encoder_peak`: with one group, block 3 gives each stored
   row back once read). Block 1 (one input channel) is an im2col matrix product.
-* **Background skipping** (:func:`_row_boxes`). With an exactly-zero background (skull-
-  stripped LUMIR images), the encoder's response at a voxel farther than its reach (3
+* **Background skipping** (:func:`_keep_mask`, :func:`_cover`). With an exactly-zero background
+  (skull-stripped LUMIR images), the encoder's response at a voxel farther than its reach (3
   voxels) from every nonzero voxel, and away from the axis-0 faces, does not depend on the
   row: it is a per-layer *background plane*, computed once by convolving three copies of
   the previous layer's plane (the zero padding makes its border differ). Each chunk of rows
-  is convolved only inside the bounding box of the nonzero voxels within reach; the rest is
-  the plane, counted in the moments from the plane's sums. Stored maps (block 2's raw
-  output, the fixed features) keep only the voxels within reach (2 or 3) of a nonzero one
-  (:func:`_keep_mask`; :class:`_Map`, ragged: gathered with ``index_select``) plus the plane:
-  on brain MRI about 0.35-0.4 of the volume, against 0.56 for per-row boxes. Images without
-  an exactly-zero background simply have every row ``FULL``.
+  is convolved only on *tiles* covering the voxels within reach of a nonzero one (the plane
+  cut into bands of 32 voxels along axis 1, each band's bounding box snapped to 8): on brain
+  MRI about 0.5 of the volume, against 0.7 for one bounding box per row. The rest is the
+  plane, counted in the moments from the plane's sums. Stored maps (block 2's raw output,
+  the fixed features) keep only the voxels within reach (2 or 3) of a nonzero one
+  (:class:`_Map`, ragged: gathered with ``index_select``) plus the plane: about 0.35-0.4 of
+  the volume. Images without an exactly-zero background simply have every chunk ``FULL``.
 * **Slab-wise warping**. ``warp(img, ddf)(p)`` only reads ``ddf(p)``, so rows of the result
   need only those rows of the field (``img`` is whole). The sampling grid is computed with
   the same float operations as MONAI's ``Warp``, so ``grid_sample`` gets bit-identical
@@ -59,15 +60,18 @@ agrees with itself run in another memory format, see the benchmark):
   ``align_corners=True`` is separable: rows of the result are the axis-0 interpolation
   (PyTorch's own source indices and weights) of the axis-1/2 interpolated source rows. The
   level-0 estimator gets the upsampled coarser field row by row, never whole.
-* **Level 0 last, 3-channel fields last**. The finest estimator streams rows of
-  ``cat(y + warp(x, up), y - warp(x, up))`` through its three convolutions (ReLU fused into
-  oneDNN); integration (scaling and squaring, whose warps read anywhere) and the
-  composition run on 3-channel fields after the features are freed.
-* **The fixed half of the finest first convolution in boxes**. Its weight ``[Wa, Wb]`` acts on
-  ``[y + x, y - x]``, that is ``(Wa + Wb)`` on ``y`` and ``(Wa - Wb)`` on ``x``: two streams, the
-  fixed one convolved only inside the row boxes of its kept voxels (elsewhere its output is
-  the plane's response), the moving one added onto it by oneDNN's "add" fusion before the
-  ReLU. The same sums in another order: the rounding of ``y + x`` and ``y - x`` is not made.
+* **Level 0 last, 3-channel fields last**. The finest estimator streams rows of ``y`` and
+  ``warp(x, up)`` through its three convolutions (ReLU fused into oneDNN); integration
+  (scaling and squaring, whose warps read anywhere) and the composition run on 3-channel
+  fields after the features are freed.
+* **Each estimator's first convolution as two halves** (:func:`_estimate`). Its weight
+  ``[Wa, Wb]`` acts on ``[y + x, y - x]``, that is ``(Wa + Wb)`` on ``y`` and ``(Wa - Wb)`` on
+  ``x``: two ``N``-channel convolutions (faster than one ``2N``-channel one), the fixed one
+  convolved at level 0 only on the tiles of its kept voxels (elsewhere its output is the
+  plane's response), the moving one added onto it by oneDNN's "add" fusion before the ReLU.
+  The same sums in another order: the rounding of ``y + x`` and ``y - x`` is not made. The
+  27- and 3-channel convolutions run zero-padded to 32 and 8 channels (:func:`_padded`:
+  the same values, oneDNN's faster shapes).
 * **No allocator churn**. Chunk temporaries of varying size fragment glibc's heap (0.4 GB
   kept at full size): per-chunk temporaries live in reused buffers, convolutions write into
   them (oneDNN's in-place "add" fusion on a zeroed buffer; also avoids ``F.conv3d``'s
@@ -83,15 +87,12 @@ path took 53.9-57.5 s per pair there, against 56-64 s with ``PASSIVE``.
 
 Measured and not kept: NCDHW convolutions (10-25 % slower than channels-last here); mmap
 for every temporary (no heap growth, but page faults: +60 % time); 4-row chunks (no faster,
-more memory); boxes snapped to 8 voxels (12 % less encoder work, but more oneDNN shapes:
-no faster); each box convolved in tiles of 32 voxels along axis 1, each with its own columns
-(a fifth less encoder work on brains, but smaller oneDNN calls plus the copies around them:
-the moving image's encoder took 16.6-16.9 s against 15.1-17.0 s without, at N=32); the
-estimators' 27-channel convolution zero-padded to 32 channels (oneDNN's faster shape: the
-level-0 estimator took 20.9-22.4 s against 20.3-21.6 s). Not tried: ``torch.compile`` (the
-time is in oneDNN convolutions already, and the streamed loops have data-dependent shapes);
-bf16/fp16 (not exact; no AVX2 speed-up); Winograd (in PyTorch ops its transforms cost about
-what it saves).
+more memory). Tiles (and 8-voxel snapping) were first measured no faster than one box per
+row, when copies and per-row index work cost more than the convolutions they saved; once
+those shrank they gave the encoders about 3 s per pair at N=32 (20.4 -> 17.4 s, one profiled
+run). Not tried: ``torch.compile`` (the time is in oneDNN convolutions already, and the
+streamed loops have data-dependent shapes); bf16/fp16 (not exact; no AVX2 speed-up);
+Winograd (in PyTorch ops its transforms cost about what it saves).
 Weighed and not done: background skipping in the level-0 flow estimator (a quarter of the
 time at N=16, 40 % at N=32). Its input is a constant only where the fixed features are
 background and the moving features sampled through the upsampled field are too; on the
@@ -103,8 +104,9 @@ the benchmark's input at N=32 (fields up to 8 voxels; "constant" within 1e-5, as
 sampling of a constant is not bitwise constant) it is 62 % of the volume, and 74-84 % as
 tiles plus a border ring: 3-4 s of the estimator's 21 s, before the costs of finding it.
 What is done instead is exact by linearity alone: the fixed half of the first convolution
-skips the fixed background (1.1-1.4 s per pair at N=32, measured alternating with the
-commit before it; the moving half, the warped moving features, is computed everywhere).
+skips the fixed background (1.1-1.4 s per pair at N=32 with row boxes, measured alternating
+with the commit before it; the moving half, the warped moving features, is computed
+everywhere).
 """
 
 from __future__ import annotations
