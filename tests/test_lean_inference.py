@@ -41,11 +41,11 @@ def _input(shape, seed=1):
     return torch.rand(1, 2, *shape, generator=g)
 
 
-def _brain(shape=(24, 80, 64), seed=1):
+def _brain(shape=(24, 80, 64), seed=1, centre=(10.0, 42.0, 30.0)):
     """Random texture inside an ellipsoid, exactly zero outside (like skull-stripped MRI)."""
     x = _input(shape, seed)
     grid = torch.stack(torch.meshgrid(*[torch.arange(s).float() for s in shape], indexing="ij"))
-    centre, radii = (10.0, 42.0, 30.0), (6.0, 16.0, 14.0)
+    radii = (6.0, 16.0, 14.0)
     inside = sum(((grid[i] - centre[i]) / radii[i]) ** 2 for i in range(3)) < 1
     return x * inside
 
@@ -55,8 +55,9 @@ def _brain(shape=(24, 80, 64), seed=1):
     [
         (lambda: _input((32, 48, 32)), 2, 1.75),  # dense: fixed split in 2 groups, moving recomputed
         (lambda: _input((30, 40, 33)), 1, 1.75),  # odd size: padded and cropped
-        (lambda: _brain(), 2, 1.75),  # zero background: row boxes, empty rows, groups of 1 and 4
+        (lambda: _brain(), 2, 1.75),  # zero background: tiles, empty rows, groups of 1 and 4
         (lambda: _brain(), 3, 0.5),  # zero background, both images recomputed
+        (lambda: _brain((32, 64, 48), centre=(12.0, 5.0, 42.0)), 2, 1.75),  # cut by in-plane faces: tiles at the edge
     ],
 )
 def test_same_field_as_reference(make, rows, store_limit):
