@@ -261,3 +261,19 @@ def test_benchmark_cli_refuses_amp_on_cpu(bundle_root):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--amp bf16/fp16 is measured on --device cuda only" in res.stderr
 
+
+
+def test_profile_cli_small(bundle_root):
+    """``python -m scripts.profile_lean`` times each phase of one lean run (JSON on its last line)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.profile_lean", "--shape", "32,32,32", "--start_channel", "4",
+         "--threads", "1", "--ops", "3"],
+        cwd=bundle_root, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(report["encoders (fixed, moving)"]) == 2
+    assert len(report["estimators (level 4 .. 0)"]) == len(report["integration (level 4 .. 0)"]) == 5
+    phases = sum(map(sum, (report[k] for k in report if k.startswith(("enc", "est", "int")))))
+    assert 0 < phases <= report["seconds"] + 0.05 and report["rest"] >= -0.05
+    assert "mkldnn::_convolution_pointwise_" in report["top_ops_seconds"]

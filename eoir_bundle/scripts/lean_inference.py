@@ -83,7 +83,7 @@ machine shared with other jobs, libgomp's default spin-waiting then costs a time
 region (measured 2-20x slower, the straightforward path suffers too); set
 ``OMP_WAIT_POLICY=PASSIVE`` in the environment there (``--omp_wait_policy passive`` in the
 benchmark). On an idle machine libgomp's default (brief spinning) is faster: at N=32 the lean
-path took 53.9-57.5 s per pair there, against 56-64 s with ``PASSIVE``.
+path took 53.9-57.5 s per pair there, against 56-64 s with ``PASSIVE`` (0.5.1, session 6).
 
 Measured and not kept: NCDHW convolutions (10-25 % slower than channels-last here); mmap
 for every temporary (no heap growth, but page faults: +60 % time); 4-row chunks (no faster,
