@@ -103,17 +103,25 @@ def test_split_first_convolution_skips_the_fixed_background(monkeypatch):
     """The finest estimator's first convolution runs as its fixed part, on tiles of the fixed
     brain only, plus its moving part added onto it (every level: added once per output chunk),
     and still gives EOIR's field."""
-    fixed_covers, onto_calls = [], []
-    real = _RowStream.conv
+    fixed_covers, onto_calls, in_estimate = [], [], []
+    real_conv, real_estimate = _RowStream.conv, lean_inference._estimate
 
     def conv(self, onto=None, into=None):
-        res = real(self, onto, into)
+        res = real_conv(self, onto, into)
         onto_calls.append(onto is not None)
-        if self.covers is not None and res is not None:
+        if in_estimate and self.covers is not None and res is not None:  # the estimator's fixed half
             fixed_covers.append(res.cover)
         return res
 
+    def estimate(*args, **kwargs):
+        in_estimate.append(True)
+        try:
+            return real_estimate(*args, **kwargs)
+        finally:
+            in_estimate.clear()
+
     monkeypatch.setattr(_RowStream, "conv", conv)
+    monkeypatch.setattr(lean_inference, "_estimate", estimate)
     net, x = _net(8), _brain()
     with torch.no_grad():
         ref = net(x)
@@ -197,6 +205,35 @@ def test_row_stream_is_the_full_convolution():
         assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_row_stream_on_tiles_is_the_full_convolution():
+    """Streams computing on tiles only (two blobs, sizes off the band and snap grid, chunks of
+    varying size) give the full convolution on every tile; pending() says how many rows come."""
+    g = torch.Generator().manual_seed(5)
+    for depth, h, w, rows in ((13, 37, 21, 2), (9, 70, 19, 3), (6, 8, 40, 1)):
+        w_, b = torch.randn(3, 2, 3, 3, 3, generator=g), torch.randn(3)
+        x = torch.randn(1, 2, depth, h, w, generator=g).contiguous(memory_format=torch.channels_last_3d)
+        ref = F.conv3d(x, w_, b, padding=1)
+        keep = torch.zeros(depth, h, w, dtype=torch.bool)  # two blobs, one at the far faces
+        keep[1:-2, 3:9, 2:6] = True
+        keep[2:5, -6:-2, -5:-1] = True
+        stream, r, seen = _RowStream(w_, b, depth, (h, w), rows, covers=lean_inference._Covers(keep)), 0, 0
+        while r < depth:
+            n = min(int(torch.randint(1, rows + 1, (1,), generator=g)), depth - r)
+            stream.slot(n).copy_(x[:, :, r : r + n])
+            r += n
+            expected = stream.pending()
+            res = stream.conv()
+            assert (0 if res is None else res.q1 - res.q0) == expected
+            if res is None:
+                continue
+            assert res.q0 == seen
+            seen = res.q1
+            for z, rect in res.tiles:
+                assert torch.allclose(z, ref[:, :, res.q0 : res.q1][lean_inference._rect_slices(rect)], atol=1e-5)
+            assert res.flat.shape[0] == sum(z[0, 0].numel() for z, _ in res.tiles)
+        assert seen == depth
+
+
 def test_wrapper_shares_weights_and_batches():
     net = _net(4, seed=3)
     lean = LeanEOIR(net).eval()
@@ -213,14 +250,17 @@ def test_wrapper_shares_weights_and_batches():
     assert lean.train()(x[:1]).requires_grad  # training: the ordinary forward
 
 
-def test_benchmark_cli_small(bundle_root):
-    res = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark", "--shape", "32,32,32", "--start_channel", "8",
-         "--threads", "1", "--input", "random"],
-        cwd=bundle_root, capture_output=True, text=True, timeout=300,
-    )
+def _cli_report(bundle_root, module, *args):
+    """Run ``python -m module args`` in the bundle; it must succeed: the JSON on its last line."""
+    res = subprocess.run([sys.executable, "-m", module, *args], cwd=bundle_root, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_benchmark_cli_small(bundle_root):
+    report = _cli_report(bundle_root, "scripts.benchmark", "--shape", "32,32,32", "--start_channel", "8",
+                         "--threads", "1", "--input", "random")
     assert report["shape"] == [32, 32, 32] and report["start_channel"] == 8 and report["threads"] == 1
     for path in ("reference", "lean", "authors"):  # the authors' layout too: 32 is a multiple of 16
         assert report["paths"][path]["seconds"] > 0
@@ -262,16 +302,10 @@ def test_benchmark_cli_refuses_amp_on_cpu(bundle_root):
     assert "--amp bf16/fp16 is measured on --device cuda only" in res.stderr
 
 
-
 def test_profile_cli_small(bundle_root):
     """``python -m scripts.profile_lean`` times each phase of one lean run (JSON on its last line)."""
-    res = subprocess.run(
-        [sys.executable, "-m", "scripts.profile_lean", "--shape", "32,32,32", "--start_channel", "4",
-         "--threads", "1", "--ops", "3"],
-        cwd=bundle_root, capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    report = _cli_report(bundle_root, "scripts.profile_lean", "--shape", "32,32,32", "--start_channel", "4",
+                         "--threads", "1", "--ops", "3")
     assert len(report["encoders (fixed, moving)"]) == 2
     assert len(report["estimators (level 4 .. 0)"]) == len(report["integration (level 4 .. 0)"]) == 5
     phases = sum(map(sum, (report[k] for k in report if k.startswith(("enc", "est", "int")))))

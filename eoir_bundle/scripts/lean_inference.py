@@ -75,8 +75,8 @@ agrees with itself run in another memory format, see the benchmark):
 * **No allocator churn**. Chunk temporaries of varying size fragment glibc's heap (0.4 GB
   kept at full size): per-chunk temporaries live in reused buffers, convolutions write into
   them (oneDNN's in-place "add" fusion on a zeroed buffer; also avoids ``F.conv3d``'s
-  8x slower fallback kernel for a few rows of 27 channels), box corners are snapped to
-  multiples of 16 (few oneDNN primitives), and ``malloc_trim`` runs between passes.
+  8x slower fallback kernel for a few rows of 27 channels), tile corners are snapped to
+  multiples of 8 (few oneDNN primitives), and ``malloc_trim`` runs between passes.
 
 Threads: the path runs many more (smaller) parallel regions than ``EOIR.forward``. On a
 machine shared with other jobs, libgomp's default spin-waiting then costs a time slice per
@@ -113,7 +113,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -132,6 +131,7 @@ EMPTY = ()  # a cover: no tile, nothing but background
 _BAND = 32  # tiles: the plane is cut into bands of this many voxels along axis 1 ...
 _SNAP = 8  # ... and tile corners are multiples of this
 _FULL_FRACTION = 0.85  # a cover whose tiles are more of the plane than this is FULL
+assert _BAND % _SNAP == 0  # snapped tiles stay inside their band: tiles never overlap
 # the encoders' storage budget, in 32-channel full maps (1.54 GB at 160 x 224 x 192): at N=32 LUMIR-
 # like brains store block 2 whole for both images (the moving one peaks near 1.4 maps) and the
 # whole path peaks at about 2.15-2.25 GB; smaller networks get the same bytes (more maps)
@@ -306,7 +306,7 @@ class _Rows(NamedTuple):
     q0: int
     q1: int
     cover: object
-    flat: torch.Tensor | None
+    flat: torch.Tensor
 
 
 class _RowStream:
@@ -331,8 +331,9 @@ class _RowStream:
         self.depth, self.hw = depth, tuple(hw)
         self.covers, self.relu = covers, relu
         self.max_rows = rows + 2  # the last output chunk of an upstream stream is up to 2 rows longer
-        # untouched rows of torch.empty memory cost no resident memory
-        self.buf = _cl_empty(weight.shape[1], self.max_rows + 4 + 2 * rows, *hw)
+        # the window slides down a few chunks' rows before it moves back to the front (every
+        # third call at rows=2: 2 rows more than the window's own size, a third of the copies)
+        self.buf = _cl_empty(weight.shape[1], self.max_rows + 3 + rows, *hw)
         self.buf[:, :, 0].zero_()
         self.row0 = -1  # volume row held by buffer row lo (the zero row before the volume)
         self.lo, self.hi = 0, 1  # the window: buffer rows [lo, hi)
@@ -361,7 +362,8 @@ class _RowStream:
         x = self.box_in.cl(self.buf.shape[1], self.hi - self.lo, h1 - h0 + 2, w1 - w0 + 2)
         if (a0, a1, b0, b1) != (h0 - 1, h1 + 1, w0 - 1, w1 + 1):
             x.zero_()  # the tile touches a face: the zero padding
-        x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(self.buf[:, :, self.lo : self.hi, a0:a1, b0:b1])
+        inside = self.buf[:, :, self.lo : self.hi, a0:a1, b0:b1]
+        x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(inside)
         return x
 
     def pending(self) -> int:
@@ -373,7 +375,8 @@ class _RowStream:
         """``onto``: a full-plane ``(1, C_out, rows, H, W)`` channels-last tensor the output is added
         to (in place, before the ReLU); ``into``: one it is written to (e.g. the next stream's
         :meth:`slot`). Either is then the output's one tile; it must have :meth:`pending` rows.
-        Both are for ``FULL`` covers only: tiled covers are written to the stream's buffer."""
+        ``onto`` is for ``FULL`` covers only; with a tiled cover ``into`` is not used (the tiles are
+        written to the stream's buffer)."""
         if self.next_row == self.depth and self.row0 + self.hi - self.lo == self.depth:  # volume end: zero padding row
             self.buf[:, :, self.hi].zero_()
             self.hi += 1
@@ -382,11 +385,14 @@ class _RowStream:
         q0, q1 = self.row0 + 1, self.row0 + self.hi - self.lo - 1
         cover = FULL if self.covers is None else self.covers(q0, q1)
         cout = self.weight.shape[0]
+        if onto is not None and cover != FULL:
+            raise ValueError("onto needs a FULL cover")
         if cover == FULL:
             z = onto if onto is not None else into if into is not None else self.out.cl(cout, q1 - q0, *self.hw)
             if z.shape[2] != q1 - q0:
                 raise ValueError(f"onto/into has {z.shape[2]} rows, the output {q1 - q0}")
-            _conv_into(z, self.buf[:, :, self.lo : self.hi], self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
+            window = self.buf[:, :, self.lo : self.hi]
+            _conv_into(z, window, self.weight, self.bias, (0, 1, 1), self.relu, onto is not None)
             tiles, flat = [(z, FULL)], _as_matrix(z)
         else:
             zs, flat = self.out.cls([(cout, q1 - q0, t[1] - t[0], t[3] - t[2]) for t in cover])
@@ -631,7 +637,7 @@ class _Map:
             return
         hw = self.hw[0] * self.hw[1]
         if rows.cover != FULL:  # where each in-plane position of row i is in rows.flat: lut + i * stride
-            lut, stride = torch.empty(self.hw, dtype=torch.long), torch.empty(self.hw, dtype=torch.long)
+            lut, stride = torch.full(self.hw, -1, dtype=torch.long), torch.zeros(self.hw, dtype=torch.long)
             start = 0
             for h0, h1, w0, w1 in rows.cover:
                 n = (h1 - h0) * (w1 - w0)
@@ -732,8 +738,12 @@ class _Encoder:
         self.w1_mat = self.w[0].reshape(self.n, 27).t().contiguous()  # block 1: (voxels, 27) @ (27, N)
         self.depth, self.hw, self.rows = img.shape[0], tuple(img.shape[1:]), rows
         self.img_pad = F.pad(img.float()[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
-        self.img, self.skip_background = img, skip_background
-        # where blocks 1-2 and block 3 compute (block 1 needs keep_1 only; keep_2 contains it)
+        # where block 2's and block 3's outputs can differ from their planes (what ragged maps of
+        # them store), and the tiles blocks 1-2 and block 3 compute (block 1 needs keep_1 only)
+        if skip_background:
+            self.keep2, self.keep3 = _keep_mask(img, 2), _keep_mask(img, 3)
+        else:
+            self.keep2 = self.keep3 = torch.ones(img.shape, dtype=torch.bool)
         self.covers2 = _Covers(self.keep2 if skip_background else None)
         self.covers3 = _Covers(self.keep3 if skip_background else None)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
@@ -808,16 +818,6 @@ class _Encoder:
         for z2, rect in tiles:
             _norm_prelu_into(slot[_rect_slices(rect)], z2, *norm2, self.slope[1])
         return s3.conv()
-
-    @functools.cached_property
-    def keep2(self) -> torch.Tensor:
-        """Where block 2's output can differ from its plane (what a ragged map of it stores)."""
-        return _keep_mask(self.img, 2) if self.skip_background else torch.ones(self.img.shape, dtype=torch.bool)
-
-    @functools.cached_property
-    def keep3(self) -> torch.Tensor:
-        """Where block 3's output (the features) can differ from its plane."""
-        return _keep_mask(self.img, 3) if self.skip_background else torch.ones(self.img.shape, dtype=torch.bool)
 
     def row_sizes(self, channels: int, keep: torch.Tensor | None = None) -> list:
         """Per row, the size of a map of ``channels`` stored dense (``keep=None``) or ragged
@@ -1017,12 +1017,12 @@ def _estimate(est, x: torch.Tensor, y, up_rows, rows: int = 2, consume_y: bool =
     m2, m3 = (-(-c.weight.shape[0] // 8) * 8 for c in (c2, c3))
     w2, b2 = _padded(c2.weight.detach(), c2.bias.detach(), m2, c2.weight.shape[1])
     w3, b3 = _padded(c3.weight.detach(), c3.bias.detach(), m3, m2)
-    ragged = isinstance(y, _Map) and y.ragged
-    sy = _RowStream(wy, None, depth, hw, rows, covers=_Covers(_dilate(y.keep, 1)) if ragged else None)
+    skips = isinstance(y, _Map) and y.ragged and not bool(y.keep.all())  # a zero background to skip
+    sy = _RowStream(wy, None, depth, hw, rows, covers=_Covers(_dilate(y.keep, 1)) if skips else None)
     sx = _RowStream(wx, c1.bias.detach(), depth, hw, rows, relu=True)
     s2 = _RowStream(w2, b2, depth, hw, rows, relu=True)
     s3 = _RowStream(w3, b3, depth, hw, rows)
-    if ragged:  # the fixed part's response to y's background plane
+    if skips:  # the fixed part's response to y's background plane
         y_plane = _conv_into(_cl_empty(wy.shape[0], 1, *hw),
                              y.plane.expand(-1, -1, 3, -1, -1).contiguous(memory_format=CL), wy, None, (0, 1, 1))
     v = torch.empty((1, 3, depth) + hw)

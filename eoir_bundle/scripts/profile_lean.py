@@ -4,8 +4,8 @@
 
 Same input and weights as ``python -m scripts.benchmark`` (its ``--input brain`` pair, seeded
 weights). Phases: each image's encoder (``encode``), each level's flow estimator
-(``_estimate``, coarsest first) and integration (``_integrate``), and the rest (pyramid,
-composition). ``--ops N`` also runs ``torch.profiler`` and lists the N operators with the most
+(``_estimate``, coarsest first) and integration (``_integrate``), and the rest (the keep
+masks and storage plan, the pyramid, the compositions). ``--ops N`` also runs ``torch.profiler`` and lists the N operators with the most
 time (the profiler slows the run a little). One process, one run: numbers vary by a few
 percent with the machine's state; compare runs made one after the other.
 """
@@ -28,7 +28,7 @@ def profile(start_channel: int, shape: Sequence[int], threads: int, ops: int = 0
     from .benchmark import build_network, make_input
 
     torch.set_num_threads(threads)
-    vols, _ = make_input(shape, "brain", 0)
+    vols, kind = make_input(shape, "brain", 0)
     net = build_network(start_channel, None, 0)
     x = torch.from_numpy(vols)[None]
     times = {name: [] for name in PHASES}
@@ -59,7 +59,8 @@ def profile(start_channel: int, shape: Sequence[int], threads: int, ops: int = 0
         for name in PHASES:
             setattr(lean_inference, name, real[name])
     report = {
-        "shape": list(shape), "start_channel": start_channel, "threads": threads, "seconds": round(total, 2),
+        "shape": list(shape), "start_channel": start_channel, "threads": threads, "input": kind,
+        "seconds": round(total, 2),
         "encoders (fixed, moving)": times["encode"],
         "estimators (level 4 .. 0)": times["_estimate"],
         "integration (level 4 .. 0)": times["_integrate"],
