@@ -366,10 +366,13 @@ class _RowStream:
         x[..., a0 - h0 + 1 : a1 - h0 + 1, b0 - w0 + 1 : b1 - w0 + 1].copy_(inside)
         return x
 
+    def _at_end(self) -> bool:
+        """The window holds the volume's last row: :meth:`conv` adds the zero padding row after it."""
+        return self.next_row == self.depth and self.row0 + self.hi - self.lo == self.depth
+
     def pending(self) -> int:
         """How many output rows the next :meth:`conv` gives (0: none yet)."""
-        n = self.hi - self.lo
-        return max(n + (self.next_row == self.depth and self.row0 + n == self.depth) - 2, 0)
+        return max(self.hi - self.lo + self._at_end() - 2, 0)
 
     def conv(self, onto: torch.Tensor | None = None, into: torch.Tensor | None = None):
         """``onto``: a full-plane ``(1, C_out, rows, H, W)`` channels-last tensor the output is added
@@ -377,7 +380,7 @@ class _RowStream:
         :meth:`slot`). Either is then the output's one tile; it must have :meth:`pending` rows.
         ``onto`` is for ``FULL`` covers only; with a tiled cover ``into`` is not used (the tiles are
         written to the stream's buffer)."""
-        if self.next_row == self.depth and self.row0 + self.hi - self.lo == self.depth:  # volume end: zero padding row
+        if self._at_end():
             self.buf[:, :, self.hi].zero_()
             self.hi += 1
         if self.hi - self.lo < 3:
@@ -650,12 +653,10 @@ class _Map:
             if kept is None:
                 continue
             pos, dst = kept
-            if pos is FULL and rows.cover == FULL:
+            if pos is FULL:  # a wholly kept row (its cover is FULL: covers contain the kept voxels)
                 src = rows.flat[i * hw : (i + 1) * hw]
                 dst.add_(src) if add else dst.copy_(src)
                 continue
-            if pos is FULL:
-                pos = torch.arange(hw)
             idx = pos + i * hw if rows.cover == FULL else lut[pos] + stride[pos] * i
             if add:
                 dst.add_(rows.flat.index_select(0, idx))
@@ -742,10 +743,10 @@ class _Encoder:
         # them store), and the tiles blocks 1-2 and block 3 compute (block 1 needs keep_1 only)
         if skip_background:
             self.keep2, self.keep3 = _keep_mask(img, 2), _keep_mask(img, 3)
+            self.covers2, self.covers3 = _Covers(self.keep2), _Covers(self.keep3)
         else:
             self.keep2 = self.keep3 = torch.ones(img.shape, dtype=torch.bool)
-        self.covers2 = _Covers(self.keep2 if skip_background else None)
-        self.covers3 = _Covers(self.keep3 if skip_background else None)
+            self.covers2 = self.covers3 = _Covers(None)
         self.z1_plane = _per_channel(self.b[0]).expand(1, self.n, 1, *self.hw).contiguous(memory_format=CL)
         self.cols, self.z1 = _Buffer(), _Buffer()
 
