@@ -45,7 +45,7 @@ def tiny_checkpoint(path: Path, start_channel: int = 8, seed: int = 0) -> Path:
 
 def tiny_dataset(root: Path, subjects: int, seed: int, val_subjects: int) -> Path:
     """A small synthetic LUMIR dataset (32 x 48 x 48, labels and landmarks) with ``m8.pt`` beside it."""
-    from scripts.make_synthetic_lumir import make_dataset
+    from scripts.synthetic.lumir import make_dataset
 
     make_dataset(root, subjects=subjects, seed=seed, shape=(32, 48, 48), val_subjects=val_subjects)
     tiny_checkpoint(root / "m8.pt")

@@ -31,7 +31,7 @@ def test_network_input_and_output_match_the_metadata():
 def test_bundle_properties_are_complete(config, kind, tmp_path):
     overrides = {}
     if kind == "train":
-        from scripts.make_synthetic_lumir import make_dataset
+        from scripts.synthetic.lumir import make_dataset
 
         make_dataset(tmp_path, subjects=2, seed=0, shape=(32, 48, 48), val_subjects=2)
         overrides = {"dataset_dir": str(tmp_path), "output_dir": str(tmp_path / "run")}

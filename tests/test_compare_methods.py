@@ -63,8 +63,8 @@ def test_warm_up_runs_before_the_first_pair_only(data, monkeypatch):
     """The GPU warm-up (here forced on the CPU): one untimed IO run of the largest budget before
     the first pair, none later; the timed results are unchanged in kind."""
     from scripts import instance_optimization
-    from scripts.compare_methods import NetworkMethod, _load_pair
-    from scripts.data import evaluation_pairs
+    from scripts.tools.compare_methods import NetworkMethod, load_pair
+    from scripts.data.lists import evaluation_pairs
 
     calls = []
     real = instance_optimization.InstanceOptimizationInferer.__init__
@@ -77,7 +77,7 @@ def test_warm_up_runs_before_the_first_pair_only(data, monkeypatch):
     method = NetworkMethod(str(data / "m8.pt"), [0, 7], [])
     assert method.warmed_up  # on the CPU the first call's cost is part of the timing
     method.warmed_up = False
-    pair = _load_pair(evaluation_pairs(data / "LUMIR_dataset.json", data)[0])
+    pair = load_pair(evaluation_pairs(data / "LUMIR_dataset.json", data)[0])
     first = method.run(pair)
     assert calls == [7, 7] and method.warmed_up  # the warm-up, then the timed network+io7
     second = method.run(pair)

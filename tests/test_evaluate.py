@@ -8,7 +8,7 @@ from helpers import BUNDLE, run_workflow, tiny_dataset
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from scripts.lumir_metrics import run as lumir_metrics_run
+from scripts.evaluation.lumir import run as lumir_metrics_run
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from scripts.checkpoint import load_weights
 from scripts.errors import InputError
 from scripts.instance_optimization import InstanceOptimizationInferer, level_window, resize_field, split_iterations
 from scripts.losses import local_ncc_loss
-from scripts.make_synthetic_lumir import NUM_LABELS, random_subject, template_volumes
+from scripts.synthetic.lumir import NUM_LABELS, random_subject, template_volumes
 from scripts.network import EOIR
-from scripts.registration_metrics import dice_per_label, ndv, warp_nearest
+from scripts.evaluation.metrics import dice_per_label, ndv, warp_nearest
 
 SHAPE = (32, 48, 32)
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")

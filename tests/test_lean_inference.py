@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts import lean_inference
-from scripts.lean_inference import FULL, EMPTY, LeanEOIR, _Encoder, _RowStream, default_store_limit, encode, lean_forward
+from scripts.lean import forward as lean_forward_module
+from scripts.lean.covers import EMPTY, FULL, Covers, keep_mask, rect_slices
+from scripts.lean.encoder import Encoder, encode, encoder_peak
+from scripts.lean.forward import LeanEOIR, default_store_limit, lean_forward
+from scripts.lean.streams import RowStream
 from scripts.network import EOIR
 
 
@@ -89,8 +92,8 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
     assert default_store_limit(32) == default_store_limit(64) == 1.75
     assert default_store_limit(16) == 3.5 and default_store_limit(8) == 7.0
     splits = []
-    real = lean_inference.encode
-    monkeypatch.setattr(lean_inference, "encode", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
+    real = lean_forward_module.encode
+    monkeypatch.setattr(lean_forward_module, "encode", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
     net, x = _net(8), _brain()
     with torch.no_grad():
         ref = net(x)
@@ -99,12 +102,13 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
         ddf = lean_forward(net, x, store_limit=limit)
         assert splits == expected and (ddf - ref).abs().max().item() < 1e-4
 
+
 def test_split_first_convolution_skips_the_fixed_background(monkeypatch):
     """The finest estimator's first convolution runs as its fixed part, on tiles of the fixed
     brain only, plus its moving part added onto it (every level: added once per output chunk),
     and still gives EOIR's field."""
     fixed_covers, onto_calls, in_estimate = [], [], []
-    real_conv, real_estimate = _RowStream.conv, lean_inference._estimate
+    real_conv, real_estimate = RowStream.conv, lean_forward_module.estimate
 
     def conv(self, onto=None, into=None):
         res = real_conv(self, onto, into)
@@ -120,8 +124,8 @@ def test_split_first_convolution_skips_the_fixed_background(monkeypatch):
         finally:
             in_estimate.clear()
 
-    monkeypatch.setattr(_RowStream, "conv", conv)
-    monkeypatch.setattr(lean_inference, "_estimate", estimate)
+    monkeypatch.setattr(RowStream, "conv", conv)
+    monkeypatch.setattr(lean_forward_module, "estimate", estimate)
     net, x = _net(8), _brain()
     with torch.no_grad():
         ref = net(x)
@@ -136,9 +140,9 @@ def test_encoder_peak_gives_rows_back_with_one_group():
     """One stored group: block 3 gives each buffer row back once read, so the peak is the largest
     'output so far + buffer left', not their sum; several groups hold the buffer whole."""
     out, buf = [0.25] * 4, [0.1] * 4
-    assert lean_inference._encoder_peak(out, buf, 1) == pytest.approx(1.0)  # the whole output, at the end
-    assert lean_inference._encoder_peak(out, buf, 2) == pytest.approx(1.2)
-    assert lean_inference._encoder_peak([0.0] * 4, [0.5] * 4, 1) == pytest.approx(2.0)  # the full buffer, at the start
+    assert encoder_peak(out, buf, 1) == pytest.approx(1.0)  # the whole output, at the end
+    assert encoder_peak(out, buf, 2) == pytest.approx(1.2)
+    assert encoder_peak([0.0] * 4, [0.5] * 4, 1) == pytest.approx(2.0)  # the full buffer, at the start
 
 
 @pytest.mark.parametrize("shape", [(9, 13, 7), (8, 2, 5)])
@@ -152,13 +156,13 @@ def test_keep_mask_is_the_cube_dilation(shape):
         k = 2 * reach + 1
         ref = F.max_pool3d((img != 0).float()[None, None], k, stride=1, padding=reach)[0, 0] > 0
         ref[:3] = ref[-3:] = True
-        assert torch.equal(lean_inference._keep_mask(img, reach), ref)
+        assert torch.equal(keep_mask(img, reach), ref)
 
 
 def test_background_tiles_cover_the_kept_voxels():
     """Each chunk's cover: FULL at the axis-0 faces, EMPTY far from the brain, elsewhere disjoint
     tiles (several on a brain's cross-section) holding every kept voxel of the chunk's rows."""
-    enc = _Encoder(_net(4), _brain(shape=(32, 96, 64))[0, 1], 2, True)
+    enc = Encoder(_net(4), _brain(shape=(32, 96, 64))[0, 1], 2, True)
     covers = [enc.covers3(q, q + 2) for q in range(0, 32, 2)]
     assert covers[0] == covers[-1] == FULL  # axis-0 faces
     assert EMPTY in covers and any(len(c) > 1 for c in covers if c != FULL)
@@ -193,7 +197,7 @@ def test_row_stream_is_the_full_convolution():
     x = torch.randn(1, 4, 11, 6, 7).contiguous(memory_format=torch.channels_last_3d)
     ref = F.conv3d(x, w, b, padding=1)
     for rows in (1, 2, 4):
-        stream, out, r = _RowStream(w, b, 11, (6, 7), rows), torch.zeros_like(ref), 0
+        stream, out, r = RowStream(w, b, 11, (6, 7), rows), torch.zeros_like(ref), 0
         while r < 11:
             n = min(rows, 11 - r)
             stream.slot(n).copy_(x[:, :, r : r + n])
@@ -216,7 +220,7 @@ def test_row_stream_on_tiles_is_the_full_convolution():
         keep = torch.zeros(depth, h, w, dtype=torch.bool)  # two blobs, one at the far faces
         keep[1:-2, 3:9, 2:6] = True
         keep[2:5, -6:-2, -5:-1] = True
-        stream, r, seen = _RowStream(w_, b, depth, (h, w), rows, covers=lean_inference._Covers(keep)), 0, 0
+        stream, r, seen = RowStream(w_, b, depth, (h, w), rows, covers=Covers(keep)), 0, 0
         while r < depth:
             n = min(int(torch.randint(1, rows + 1, (1,), generator=g)), depth - r)
             stream.slot(n).copy_(x[:, :, r : r + n])
@@ -229,7 +233,7 @@ def test_row_stream_on_tiles_is_the_full_convolution():
             assert res.q0 == seen
             seen = res.q1
             for z, rect in res.tiles:
-                assert torch.allclose(z, ref[:, :, res.q0 : res.q1][lean_inference._rect_slices(rect)], atol=1e-5)
+                assert torch.allclose(z, ref[:, :, res.q0 : res.q1][rect_slices(rect)], atol=1e-5)
             assert res.flat.shape[0] == sum(z[0, 0].numel() for z, _ in res.tiles)
         assert seen == depth
 
@@ -303,8 +307,8 @@ def test_benchmark_cli_refuses_amp_on_cpu(bundle_root):
 
 
 def test_profile_cli_small(bundle_root):
-    """``python -m scripts.profile_lean`` times each phase of one lean run (JSON on its last line)."""
-    report = _cli_report(bundle_root, "scripts.profile_lean", "--shape", "32,32,32", "--start_channel", "4",
+    """``python -m scripts.tools.profile_lean`` times each phase of one lean run (JSON on its last line)."""
+    report = _cli_report(bundle_root, "scripts.tools.profile_lean", "--shape", "32,32,32", "--start_channel", "4",
                          "--threads", "1", "--ops", "3")
     assert len(report["encoders (fixed, moving)"]) == 2
     assert len(report["estimators (level 4 .. 0)"]) == len(report["integration (level 4 .. 0)"]) == 5

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from scripts.errors import InputError
-from scripts.make_subject_pairs import landmark_volume, main, region_labels, template_on_grid
-from scripts.make_synthetic_lumir import (
+from scripts.synthetic.subject_pairs import landmark_volume, main, region_labels, template_on_grid
+from scripts.synthetic.lumir import (
     NUM_LABELS,
     NUM_LANDMARKS,
-    _tissue_classes,
+    tissue_classes,
     grid_affine,
     random_subject,
     template_landmarks,
@@ -53,7 +53,7 @@ def pairs_dir(standin, tmp_path_factory):
 
 
 def test_writes_lumir_layout_with_pairs(pairs_dir):
-    from scripts.data import evaluation_pairs
+    from scripts.data.lists import evaluation_pairs
 
     names = sorted(p.name for p in (pairs_dir / "imagesVal").iterdir())
     assert names == [f"LUMIRMRI_{i:04d}_0000.nii.gz" for i in range(4)]
@@ -95,14 +95,14 @@ def test_images_labels_landmarks(pairs_dir):
 def test_label_and_landmark_definitions_match_synthetic():
     """Given the template's tissue maps, the subject's labelling reproduces the synthetic data's."""
     tmpl = template_on_grid(SHAPE)
-    tissue = _tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
+    tissue = tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
     _, labels, _ = template_volumes(SHAPE)
     np.testing.assert_array_equal(region_labels(tissue, tmpl["affine"]), labels)
     np.testing.assert_array_equal(landmark_volume(labels > 0, tmpl["affine"]), template_landmarks(SHAPE))
 
 
 def test_missing_input_is_input_error(tmp_path, capsys):
-    from scripts.make_subject_pairs import make_pairs
+    from scripts.synthetic.subject_pairs import make_pairs
 
     with pytest.raises(InputError, match="not found"):
         make_pairs(tmp_path / "nope.nii.gz", tmp_path / "out", 1, 0, SHAPE)

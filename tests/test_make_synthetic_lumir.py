@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scripts.errors import InputError
-from scripts.make_synthetic_lumir import (
+from scripts.synthetic.lumir import (
     CSF_LABELS,
     FULL_SHAPE,
     GM_FIRST,
@@ -36,7 +36,7 @@ from scripts.make_synthetic_lumir import (
 
 SHAPE = (32, 48, 48)  # tiny but brain-like: 5 x 4.7 x 4 mm voxels over LUMIR's field of view
 N_TRAIN, N_VAL, SEED = 2, 2, 7
-REAL_LUMIR = Path("/work/shared/lumir")
+REAL_LUMIR = Path(__file__).parent / "data" / "lumir"  # the challenge's own files
 
 
 def _run_cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -115,9 +115,8 @@ def test_cli_writes_lumir_layout(cli_dataset):
         {"fixed": f"/imagesVal/LUMIRMRI_{f:04d}_0000.nii.gz", "moving": f"/imagesVal/LUMIRMRI_{m:04d}_0000.nii.gz"}
         for f, m in zip(eval_ids[1:], eval_ids[:-1])
     ]
-    if (REAL_LUMIR / "LUMIR_dataset.json").is_file():  # same keys as the real one
-        real = json.loads((REAL_LUMIR / "LUMIR_dataset.json").read_text())
-        assert set(real) == set(ds)
+    real = json.loads((REAL_LUMIR / "LUMIR_dataset.json").read_text())  # same keys as the real one
+    assert set(real) == set(ds)
 
     listed = [e["image"] for e in ds["training"]] + [v for e in ds["validation"] for v in e.values()]
     listed += [v for e in ds["test"] for v in e.values()]
@@ -164,11 +163,10 @@ def test_evaluation_configs_have_official_format(cli_dataset):
     assert metrics["dice"]["labels"][0] == 0 and metrics["dice"]["labels"] == list(range(NUM_LABELS + 1))
     assert metrics["hd95"]["labels"] == metrics["dice"]["labels"]
     assert {m["metric"]: m.get("dest") for m in lm["evaluation_methods"]} == {"ndv": None, "tre": "landmarks"}
-    if (REAL_LUMIR / "LUMIR_VAL_Landmark_evaluation_config.json").is_file():
-        for name, ours in (("Segmentation", seg), ("Landmark", lm)):
-            real = json.loads((REAL_LUMIR / f"LUMIR_VAL_{name}_evaluation_config.json").read_text())
-            assert set(real) == set(ours)
-            assert type(real["eval_config_version"]) is type(ours["eval_config_version"])
+    for name, ours in (("Segmentation", seg), ("Landmark", lm)):
+        real = json.loads((REAL_LUMIR / f"LUMIR_VAL_{name}_evaluation_config.json").read_text())
+        assert set(real) == set(ours)
+        assert type(real["eval_config_version"]) is type(ours["eval_config_version"])
     labels = json.loads((out / "labels.json").read_text())
     assert labels["labels"]["0"] == "background" and len(labels["labels"]) == NUM_LABELS + 1
     assert len(labels["landmarks"]) == NUM_LANDMARKS

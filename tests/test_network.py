@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.authors_layout import AuthorsEOIR, from_eoir
+from scripts.tools.authors_layout import AuthorsEOIR, from_eoir
 from scripts.convert_checkpoint import convert_state_dict
-from scripts.network import EOIR, MultiScaleOutputs, ScriptableWarp
+from scripts.layers import ScriptableWarp
+from scripts.network import EOIR, MultiScaleOutputs
 
 SIZE = (32, 48, 32)
 
@@ -83,7 +84,7 @@ def test_training_outputs_are_the_level_fields():
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     """Recomputing activations in the backward pass changes memory, not results."""
-    from scripts.benchmark import build_network
+    from scripts.tools.benchmark import build_network
     from scripts.training import PairLoss
 
     moving, fixed = _pair()

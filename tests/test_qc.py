@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import qc
+from scripts.evaluation import qc
+from scripts.evaluation.metrics import jacobian_determinant
 from scripts.errors import InputError
 
 SHAPE = (12, 16, 20)  # all sides different: catches axis mix-ups
@@ -36,7 +37,7 @@ def _smooth_ddf(shape=SHAPE, amp=1.5):
 
 
 def test_jacobian_zero_field_is_one():
-    jac = qc.jacobian_determinant(np.zeros((3, *SHAPE), np.float32))
+    jac = jacobian_determinant(np.zeros((3, *SHAPE), np.float32))
     assert jac.shape == SHAPE and jac.dtype == np.float32
     np.testing.assert_array_equal(jac, 1.0)
 
@@ -44,7 +45,7 @@ def test_jacobian_zero_field_is_one():
 @pytest.mark.parametrize("a", [0.1, -0.3])
 def test_jacobian_linear_field(a):
     ddf = a * _coords()  # ddf_i = a * x_i -> J = (1 + a)^3 everywhere (borders included)
-    np.testing.assert_allclose(qc.jacobian_determinant(ddf), (1 + a) ** 3, rtol=1e-5)
+    np.testing.assert_allclose(jacobian_determinant(ddf), (1 + a) ** 3, rtol=1e-5)
 
 
 def test_jacobian_shear_and_anisotropic_field():
@@ -52,27 +53,27 @@ def test_jacobian_shear_and_anisotropic_field():
     ddf = np.zeros((3, *SHAPE), np.float32)
     ddf[0] = 0.5 * x[1]  # shear: det unchanged
     ddf[2] = 0.25 * x[2]  # stretch axis 2 only
-    np.testing.assert_allclose(qc.jacobian_determinant(ddf), 1.25, rtol=1e-5)
+    np.testing.assert_allclose(jacobian_determinant(ddf), 1.25, rtol=1e-5)
 
 
 def test_jacobian_folding_field_is_negative():
     x = _coords()
     ddf = np.zeros((3, *SHAPE), np.float32)
     ddf[1] = -2.0 * x[1]  # p + ddf(p) reverses axis 1: J = -1
-    np.testing.assert_allclose(qc.jacobian_determinant(ddf), -1.0, rtol=1e-5)
+    np.testing.assert_allclose(jacobian_determinant(ddf), -1.0, rtol=1e-5)
     # a local fold in an otherwise smooth field
     c = np.array(SHAPE) // 2
     r2 = sum((x[i] - c[i]) ** 2 for i in range(3))
     local = np.zeros((3, *SHAPE), np.float32)
     local[0] = -6.0 * np.exp(-r2 / 8.0) * (x[0] - c[0]) / 2.0
-    jac = qc.jacobian_determinant(local)
+    jac = jacobian_determinant(local)
     assert jac[tuple(c)] < 0 and (jac <= 0).sum() < jac.size // 10
     assert jac[0, 0, 0] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_jacobian_rejects_bad_shape():
     with pytest.raises(InputError, match=r"\(3, H, W, D\)"):
-        qc.jacobian_determinant(np.zeros((2, *SHAPE)))
+        jacobian_determinant(np.zeros((2, *SHAPE)))
 
 
 # --------------------------------------------------------------------------- warping

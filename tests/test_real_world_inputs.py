@@ -14,9 +14,9 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, SpatialCrop, SpatialPad, Spacing
 
 from scripts.checkpoint import load_weights
-from scripts.lean_inference import LeanEOIR
+from scripts.lean import LeanEOIR
 from scripts.network import EOIR
-from scripts.registration_metrics import dice_per_label
+from scripts.evaluation.metrics import dice_per_label
 
 # the held-out sample pair (never trained on), cut to a 96 x 128 x 96 box around the brain centre
 BOX = (slice(32, 128), slice(48, 176), slice(40, 136))

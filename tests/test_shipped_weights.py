@@ -7,7 +7,7 @@ from helpers import BUNDLE
 
 from scripts.checkpoint import load_weights, read_checkpoint, start_channel_of
 from scripts.network import EOIR
-from scripts.registration_metrics import dice_per_label, ndv, warp_nearest
+from scripts.evaluation.metrics import dice_per_label, ndv, warp_nearest
 
 # a 96 x 128 x 96 box around the brain centre of the sample pair (synthetic seed 4242, never trained on)
 BOX = (slice(32, 128), slice(48, 176), slice(40, 136))

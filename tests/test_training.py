@@ -13,10 +13,10 @@ import torch
 from helpers import BUNDLE, run_workflow
 
 from scripts.checkpoint import load_weights
-from scripts.data import training_images
-from scripts.make_synthetic_lumir import make_dataset
+from scripts.data.lists import training_images
+from scripts.synthetic.lumir import make_dataset
 from scripts.network import EOIR, MultiScaleOutputs
-from scripts.pair_dataset import RandomPairDataset
+from scripts.data.pair_dataset import RandomPairDataset
 from scripts.training import PairLoss, latest_checkpoint
 
 SHAPE = (32, 48, 48)
@@ -168,9 +168,9 @@ def test_gradient_clipping_handler_bounds_the_gradient_norm():
 
 
 def test_train_step_benchmark_cli_small():
-    """``python -m scripts.benchmark_train_step`` measures both settings, on the same first loss."""
+    """``python -m scripts.tools.benchmark_train_step`` measures both settings, on the same first loss."""
     res = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark_train_step", "--shape", "32,48,32", "--start_channel", "4",
+        [sys.executable, "-m", "scripts.tools.benchmark_train_step", "--shape", "32,48,32", "--start_channel", "4",
          "--threads", "1", "--steps", "1", "--warmup", "0"],
         cwd=BUNDLE, capture_output=True, text=True, timeout=300,
     )

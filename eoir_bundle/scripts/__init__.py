@@ -1,7 +1,22 @@
-"""EOIR bundle code: the network, data lists, transforms, handlers and command-line tools.
+"""EOIR bundle code, imported by the bundle configs (``"_target_": "scripts..."``); commands run
+from the bundle folder as ``python -m scripts.<tool>``.
 
-Imported by the bundle configs (``"_target_": "scripts..."``); commands run from the bundle
-folder as ``python -m scripts.<tool>``.
+Layers, lowest first; a module imports only its own layer and those below it (checked by
+``tests/test_layout.py``):
+
+- foundation: ``errors`` (user-facing errors), ``file_io`` (atomic NIfTI/ITK I/O, disp files),
+  ``geometry`` (affines, grids, the network grid transform);
+- model: ``layers`` (MONAI warp/integration layers TorchScript compiles, pad-to-16),
+  ``network`` (EOIR), ``losses``, ``checkpoint``;
+- components: ``lean/`` (the memory-lean CPU inference path), ``data/`` (data lists, the
+  random-pair training set), ``evaluation/`` (metrics, the LUMIR evaluator, QC figures, the
+  metric handler), ``transforms`` (input checks);
+- runtime: ``instance_optimization``, ``disp_writer``, ``training`` (trainer glue), and the
+  user tools ``warp`` and ``convert_checkpoint``;
+- generators: ``synthetic/`` (LUMIR-layout data from the MNI152 template or a real subject);
+- tools: ``tools/`` (benchmarks, profiler, method comparison, plots; developer tools);
+- entry points: ``qc``, ``lumir_metrics``, ``make_synthetic_lumir``, ``compare_methods``,
+  ``benchmark`` (the command names users know, kept as thin modules).
 """
 
 from .errors import install_excepthook

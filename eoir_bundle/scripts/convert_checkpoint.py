@@ -34,7 +34,7 @@ _RULES = [
     (re.compile(r"^disp_warp_(\d)\.disp_field_fea\.2\.(weight|bias)$"), r"estimators.\1.features.1.conv.\2"),
     (re.compile(r"^disp_warp_(\d)\.get_flow\.(weight|bias)$"), r"estimators.\1.flow.conv.\2"),
 ]
-_GRID_BUFFER = re.compile(r"^(transformers\.\d+\.grid|integrates\.\d+\.transformer\.grid)$")
+GRID_BUFFER_KEY = re.compile(r"^(transformers\.\d+\.grid|integrates\.\d+\.transformer\.grid)$")
 
 
 def bundle_key(authors_key: str) -> str | None:
@@ -53,7 +53,7 @@ def convert_state_dict(authors: dict, source: str = "checkpoint") -> tuple[dict,
     out, unknown = {}, []
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key  # saved from DataParallel
-        if _GRID_BUFFER.match(key):
+        if GRID_BUFFER_KEY.match(key):
             continue
         target = bundle_key(key)
         if target is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InputError
 
+ITK_VECTOR_INTENT = 1007  # NIfTI intent of a vector field, as ITK writes displacement fields
 _LUMIR_ID = re.compile(r"LUMIRMRI_(\d{4})_\d{4}")
 
 
@@ -110,22 +111,35 @@ def atomic_save_image(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     return atomic_write(path, lambda tmp: itk.imwrite(image, tmp), suffix="".join(Path(path).suffixes))
 
 
-def load_disp(path: str | os.PathLike, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """A displacement file as ``((H, W, D, 3) array, affine)``, checked finite.
+def load_disp(path: str | os.PathLike, dtype=np.float64, *, itk_fields: bool = False,
+              channels_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A displacement file as ``((H, W, D, 3) array in voxel units, affine)``, checked finite.
 
     Accepts the LUMIR layout ``(H, W, D, 3)``, the NIfTI vector layout ``(H, W, D, 1, 3)`` and
     channels-first ``(3, H, W, D)`` (which the official evaluator also accepts).
+    ``itk_fields``: a NIfTI vector field with ITK's displacement intent (1007; physical LPS mm,
+    as ``save_itk_transform`` writes) is converted to voxel units of its own grid, and any
+    other 5D field is refused. ``channels_first``: return ``(3, H, W, D)`` instead.
     """
-    disp, affine = read_nifti(path, "displacement field", dtype=dtype)
-    if disp.ndim == 5 and disp.shape[3] == 1:
-        disp = disp[:, :, :, 0, :]
-    if disp.ndim == 4 and disp.shape[0] == 3 and disp.shape[-1] != 3:
-        disp = np.moveaxis(disp, 0, -1)
-    if disp.ndim != 4 or disp.shape[-1] != 3:
-        raise InputError(f"{path}: displacement field must be H x W x D x 3, got {tuple(disp.shape)}")
+    array, affine = read_nifti(path, "displacement field", dtype=np.float64 if itk_fields else dtype)
+    if itk_fields and array.ndim == 5 and array.shape[3] == 1 and array.shape[4] == 3:
+        if int(nib.load(str(path)).header["intent_code"]) != ITK_VECTOR_INTENT:
+            raise InputError(f"{path}: a 5D field must be an ITK displacement field (NIfTI intent 1007 vector)")
+        from .geometry import disp_from_itk_displacement
+
+        disp = np.moveaxis(disp_from_itk_displacement(array[:, :, :, 0, :], affine), 0, -1)
+    else:
+        disp = array
+        if disp.ndim == 5 and disp.shape[3] == 1:
+            disp = disp[:, :, :, 0, :]
+        if disp.ndim == 4 and disp.shape[0] == 3 and disp.shape[-1] != 3:
+            disp = np.moveaxis(disp, 0, -1)
+        if disp.ndim != 4 or disp.shape[-1] != 3:
+            raise InputError(f"{path}: displacement field must be H x W x D x 3, got {tuple(disp.shape)}")
+        disp = disp.astype(dtype, copy=False)
     if not np.isfinite(disp).all():
         raise InputError(f"{path}: displacement field has {int((~np.isfinite(disp)).sum())} NaN/Inf values")
-    return disp, affine
+    return (np.ascontiguousarray(np.moveaxis(disp, -1, 0)) if channels_first else disp), affine
 
 
 def ensure_writable_dir(directory: str | os.PathLike) -> Path:

@@ -222,3 +222,28 @@ def disp_from_itk_displacement(vectors: np.ndarray, fixed_affine) -> np.ndarray:
     return np.einsum("ij,j...->i...", np.linalg.inv(linear), np.moveaxis(np.asarray(vectors, np.float64), -1, 0)).astype(
         np.float32
     )
+
+
+def parse_shape(shape, multiple_of: int = 1, max_side: int | None = None) -> tuple[int, int, int]:
+    """``"H,W,D"`` (or ``HxWxD``) or a sequence of 3 ints -> ``(H, W, D)``; :class:`InputError`
+    unless each side is a positive multiple of ``multiple_of`` (and at most ``max_side``)."""
+    if isinstance(shape, str):
+        try:
+            values = [int(p.strip()) for p in shape.replace("x", ",").split(",")]
+        except ValueError:
+            raise InputError(f"--shape must be three integers H,W,D, got {shape!r}") from None
+    else:
+        try:
+            values = [int(v) for v in shape]
+        except (TypeError, ValueError):
+            raise InputError(f"shape must be three integers, got {shape!r}") from None
+        if any(int(v) != v for v in shape):
+            raise InputError(f"shape must be three integers, got {shape!r}")
+    if len(values) != 3:
+        raise InputError(f"shape must have 3 sides H,W,D, got {len(values)}: {shape!r}")
+    bad = [v for v in values if v <= 0 or v % multiple_of or (max_side is not None and v > max_side)]
+    if bad:
+        rule = "positive" if multiple_of == 1 else f"a positive multiple of {multiple_of}"
+        limit = "" if max_side is None else f" and at most {max_side}"
+        raise InputError(f"shape {tuple(values)}: every side must be {rule}{limit} (bad: {', '.join(map(str, bad))})")
+    return tuple(values)  # type: ignore[return-value]

@@ -18,100 +18,20 @@ Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
 
 from __future__ import annotations
 
-import warnings
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from monai.networks.blocks import Convolution, DVF2DDF, Warp
+from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "ScriptableWarp", "ScriptableDVF2DDF", "NUM_LEVELS",
-           "INTEGRATION_STEPS"]
+from .layers import INTEGRATION_STEPS, ScriptableDVF2DDF, ScriptableWarp, crop_padding, pad_to_multiple, padding_to_multiple
+
+__all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "NUM_LEVELS", "INTEGRATION_STEPS"]
 
 NUM_LEVELS = 5
-INTEGRATION_STEPS = 7
 _DIVISOR = 2 ** (NUM_LEVELS - 1)  # 16: every pyramid level halves the size
-
-
-class ScriptableWarp(Warp):
-    """MONAI :class:`~monai.networks.blocks.Warp` whose ``forward`` TorchScript can compile.
-
-    Why it exists: ``torch.jit.script`` (what ``monai.bundle ckpt_export`` runs) rejects
-    MONAI's ``Warp.forward`` (MONAI 1.6.1): ``tuple(image.shape[2:])`` (a tuple of unknown
-    length), the reference grid cached in ``self.ref_grid`` (an attribute that starts as
-    ``None``, so TorchScript types it ``NoneType``; ``get_reference_grid`` also uses the
-    generator-based ``torch.random.fork_rng`` for jitter), the module-level ``USE_COMPILED`` flag and
-    ``_compiled_unsupported()`` read inside ``forward``, ``grid[..., index_list]`` (list indexing
-    after an ellipsis), and the ``grid_pull`` branch (MONAI's compiled extension).
-
-    Same math as ``Warp``'s PyTorch-native path, the same float operations in the same order
-    (so the same sampling coordinates, bit for bit): ``grid_i = (i_index + ddf_i) * 2 /
-    max(size_i - 1, 1) - 1`` in ``(x, y, z) = (axis 2, 1, 0)`` order, then ``F.grid_sample``
-    with ``align_corners=True`` and the ``mode`` / ``padding_mode`` given to ``Warp``. It always
-    uses ``F.grid_sample`` (also when MONAI is built with its C++ extension), caches no grid
-    (adds the index to each channel instead: no full-size grid kept between calls), and does
-    not support ``jitter``.
-
-    ``batch_split=True``: a 3D warp of batch 1 on a CPU with 2+ threads samples the two halves of
-    axis 1 as a batch of two (the image expanded, not copied), because PyTorch's 3D CPU
-    sampler parallelises over the batch only: the same values bit for bit (the image's gradient
-    sums the two halves in another order: equal up to rounding), up to twice as fast (used by instance optimisation; the network keeps the plain call).
-    """
-
-    def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros", batch_split: bool = False) -> None:
-        with warnings.catch_warnings():  # Warp announces that it uses torch's grid_sample: expected
-            warnings.simplefilter("ignore")
-            super().__init__(mode=mode, padding_mode=padding_mode, jitter=False)
-        self.batch_split = bool(batch_split)
-
-    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        spatial_dims = image.dim() - 2
-        if spatial_dims != 2 and spatial_dims != 3:
-            raise NotImplementedError(f"got unsupported spatial_dims={spatial_dims}, currently support 2 or 3.")
-        if ddf.dim() != image.dim() or ddf.shape[0] != image.shape[0] or ddf.shape[1] != spatial_dims \
-                or ddf.shape[2:] != image.shape[2:]:
-            raise ValueError(f"Given input {spatial_dims}-d image shape {image.shape}, the input DDF shape must be "
-                             f"(batch, {spatial_dims}, *spatial), got {ddf.shape} instead.")
-        coords: List[torch.Tensor] = []
-        for i in range(spatial_dims - 1, -1, -1):  # grid_sample wants (x, y, z) = array axes reversed
-            size = ddf.shape[2 + i]
-            view = [1] * spatial_dims
-            view[i] = size
-            index = torch.arange(0, size, dtype=ddf.dtype, device=ddf.device).view(view)
-            coords.append((index + ddf[:, i]) * 2 / max(size - 1, 1) - 1)
-        grid = torch.stack(coords, dim=-1)
-        # TorchScript compiles only the first branch of an "is_scripting() or ..." test
-        if torch.jit.is_scripting() or not self.batch_split:
-            return F.grid_sample(image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native,
-                                 align_corners=True)
-        return self._sample_in_halves(image, grid)
-
-    @torch.jit.unused
-    def _sample_in_halves(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """``F.grid_sample(image, grid)``; a 3D batch-1 CPU call on 2+ threads as two halves of axis 1."""
-        if grid.dim() != 5 or image.shape[0] != 1 or grid.shape[2] % 2 or image.device.type != "cpu" \
-                or torch.get_num_threads() < 2:
-            return F.grid_sample(image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native,
-                                 align_corners=True)
-        d, h, w = grid.shape[1], grid.shape[2], grid.shape[3]
-        halves = grid.view(d, 2, h // 2, w, 3).transpose(0, 1)  # (2, d, h/2, w, 3): a view
-        out = F.grid_sample(image.expand(2, -1, -1, -1, -1), halves, mode=self._interp_mode_native,
-                            padding_mode=self._padding_mode_native, align_corners=True)
-        return out.permute(1, 2, 0, 3, 4).reshape(1, image.shape[1], d, h, w)
-
-
-class ScriptableDVF2DDF(DVF2DDF):
-    """MONAI :class:`~monai.networks.blocks.DVF2DDF` (scaling and squaring) warping with
-    :class:`ScriptableWarp`, so that TorchScript can compile it; the same computation."""
-
-    def __init__(self, num_steps: int = INTEGRATION_STEPS, mode: str = "bilinear", padding_mode: str = "zeros",
-                 batch_split: bool = False) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            super().__init__(num_steps=num_steps, mode=mode, padding_mode=padding_mode)
-        self.warp_layer = ScriptableWarp(mode=mode, padding_mode=padding_mode, batch_split=batch_split)
 
 
 def _encoder_block(in_channels: int, out_channels: int) -> Convolution:
@@ -248,7 +168,7 @@ class EOIR(nn.Module):
         ``activation_checkpointing`` (training only): keep only the encoder's input and output
         and each level's ``(v, u)`` for the backward pass and recompute the rest there
         (``torch.utils.checkpoint``): the same values and gradients for one more forward pass,
-        and a fraction of the activation memory (see ``scripts.benchmark_train_step``).
+        and a fraction of the activation memory (see ``scripts.tools.benchmark_train_step``).
         ``finest_level`` ``k > 0``: stop after level ``k``; the lists then hold levels ``k..4``
         (index 0 = level ``k``).
         """
@@ -289,17 +209,13 @@ class EOIR(nn.Module):
             raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
         if finest_level < 0 or finest_level >= self.num_levels:
             raise ValueError(f"finest_level must be in 0..{self.num_levels - 1}, got {finest_level}")
-        d0, d1, d2 = x.shape[2], x.shape[3], x.shape[4]
-        p0, p1, p2 = (-d0) % self.divisor, (-d1) % self.divisor, (-d2) % self.divisor
-        padded = p0 + p1 + p2 > 0
-        if padded:  # F.pad lists the last axis first
-            x = F.pad(x, [p2 // 2, p2 - p2 // 2, p1 // 2, p1 - p1 // 2, p0 // 2, p0 - p0 // 2])
+        shape = [x.shape[2], x.shape[3], x.shape[4]]
+        pads = padding_to_multiple(shape, self.divisor)
+        x = pad_to_multiple(x, pads)
         ddf = self.pyramid(x[:, :1], x[:, 1:], False, finest_level)["displacements"][0]
         for _ in range(finest_level):
             ddf = self.upsample_field(ddf)
-        if padded:
-            ddf = ddf[:, :, p0 // 2 : p0 // 2 + d0, p1 // 2 : p1 // 2 + d1, p2 // 2 : p2 // 2 + d2]
-        return ddf
+        return crop_padding(ddf, pads, shape)
 
 class MultiScaleOutputs(nn.Module):
     """Training view of an :class:`EOIR`: in training mode ``forward`` returns every level,

@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from .losses import EOIRLoss
-from .qc import to_tensorboard_image
+from .evaluation.qc import to_tensorboard_image
 
 
 def prepare_pair_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):

@@ -14,41 +14,19 @@ image's grid.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from .errors import InputError, exit_on_input_error
-from .file_io import atomic_save_image, check_label_map, read_image, read_nifti
-from .geometry import check_overlap, disp_from_itk_displacement, same_grid, warp_to_fixed
+from .file_io import atomic_save_image, check_label_map, load_disp, read_image
+from .geometry import check_overlap, same_grid, warp_to_fixed
 
-__all__ = ["read_field", "warp_file", "main"]
-
-_ITK_VECTOR_INTENT = 1007
-
-
-def read_field(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``((3, *fixed_shape) disp in fixed voxel units, fixed RAS affine)`` from a disp or ITK field file."""
-    array, affine = read_nifti(path, "field", dtype=np.float64)
-    header = nib.load(str(path)).header
-    if array.ndim == 5 and array.shape[3] == 1 and array.shape[4] == 3:  # NIfTI vector: ITK field
-        if int(header["intent_code"]) != _ITK_VECTOR_INTENT:
-            raise InputError(f"{path}: a 5D field must be an ITK displacement field (NIfTI intent 1007 vector)")
-        disp = disp_from_itk_displacement(array[:, :, :, 0, :], affine)
-    elif array.ndim == 4 and array.shape[3] == 3:
-        disp = np.moveaxis(array, -1, 0).astype(np.float32)
-    else:
-        raise InputError(f"{path}: not a displacement field: shape {tuple(array.shape)}, expected (H, W, D, 3) or (H, W, D, 1, 3)")
-    if not np.isfinite(disp).all():
-        raise InputError(f"{path}: the field has {int((~np.isfinite(disp)).sum())} NaN/Inf values")
-    return disp, affine
-
+__all__ = ["warp_file", "main"]
 
 def warp_file(field: str, moving: str, output: str, fixed: str | None = None, nearest: bool = False) -> Path:
     """Resample ``moving`` onto the field's grid through the field; write ``output``; return its path."""
-    disp, fixed_affine = read_field(field)
+    disp, fixed_affine = load_disp(field, np.float32, itk_fields=True, channels_first=True)
     if fixed:
         fixed_array, affine = read_image(fixed, "fixed image")
         if not same_grid(affine, fixed_array.shape, fixed_affine, disp.shape[1:]):

@@ -1,6 +1,6 @@
 """Training-step benchmark: seconds and peak memory of one EOIR training step.
 
-    python -m scripts.benchmark_train_step --start_channel 32 --shape 160,224,192 \\
+    python -m scripts.tools.benchmark_train_step --start_channel 32 --shape 160,224,192 \\
         [--checkpointing off,on] [--amp off] [--steps 2] [--warmup 1] [--threads 2] [--device cpu|cuda]
 
 One step is what ``configs/train.json`` runs per iteration: ``MultiScaleOutputs`` forward
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,14 +29,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .benchmark import AMP_DTYPES, BUNDLE_ROOT, _max_rss_gb, build_network, make_input, parse_shape, require_cuda
+from .benchmark import AMP_DTYPES, build_network, make_input, max_rss_gb, require_cuda, shape_argument, spawn_worker
 
 
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from .network import MultiScaleOutputs
-    from .training import PairLoss
+    from ..network import MultiScaleOutputs
+    from ..training import PairLoss
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -60,7 +59,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    baseline = _max_rss_gb()
+    baseline = max_rss_gb()
     losses, seconds = [], []
     for i in range(args.warmup + args.steps):  # warm-up steps: allocator, kernels, Adam state
         sync()
@@ -75,21 +74,18 @@ def run_worker(args: argparse.Namespace) -> dict:
         result.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
                       peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9, gpu=torch.cuda.get_device_name())
     else:
-        result.update(peak_rss_gb=_max_rss_gb(), baseline_rss_gb=baseline)
+        result.update(peak_rss_gb=max_rss_gb(), baseline_rss_gb=baseline)
     Path(args.result_file).write_text(json.dumps(result))
     return result
 
 
 def _run_child(args: argparse.Namespace, checkpointing: str, amp: str, input_file: Path, tmp: Path) -> dict:
     result_file = tmp / f"result_{checkpointing}_{amp}.json"
-    cmd = [sys.executable, "-m", "scripts.benchmark_train_step", "--worker", "--input_file", str(input_file),
+    cmd = ["scripts.tools.benchmark_train_step", "--worker", "--input_file", str(input_file),
            "--result_file", str(result_file), "--start_channel", str(args.start_channel),
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--seed", str(args.seed), "--device", args.device, "--checkpointing", checkpointing, "--amp", amp]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    proc = spawn_worker(cmd, args.threads, os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     if proc.returncode != 0 or not result_file.exists():
         return {"error": f"exit {proc.returncode} (out of memory?)"}
     return json.loads(result_file.read_text())
@@ -129,10 +125,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark_train_step",
+    parser = argparse.ArgumentParser(prog="python -m scripts.tools.benchmark_train_step",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--start_channel", type=int, default=32)
-    parser.add_argument("--shape", type=parse_shape, default=(160, 224, 192))
+    parser.add_argument("--shape", type=shape_argument, default=(160, 224, 192))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")

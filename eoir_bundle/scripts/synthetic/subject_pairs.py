@@ -1,10 +1,10 @@
 """LUMIR-layout evaluation pairs made from one real T1w brain MRI (not the MNI template).
 
-:mod:`scripts.make_synthetic_lumir` deforms the MNI152 template; this module does the same
+:mod:`scripts.synthetic.lumir` deforms the MNI152 template; this module does the same
 with an individual's scan in the template's place, so that the benchmark
 (:mod:`scripts.compare_methods`) can also be run on a real, non-template brain::
 
-    python -m scripts.make_subject_pairs T1 OUT --pairs P --seed S [--shape H,W,D] [--no_n4] [--threads T]
+    python -m scripts.synthetic.subject_pairs T1 OUT --pairs P --seed S [--shape H,W,D] [--no_n4] [--threads T]
 
 Intended input: OpenNeuro ds000031 (MyConnectome) ``sub-01`` ``ses-006`` ``run-001`` T1w,
 the test image shipped in the pydeface 2.1.0 source archive (192 x 256 x 256, 0.9 x 0.9375 x
@@ -23,7 +23,7 @@ Any other T1w head or brain scan works the same way.
 Steps (antspyx; ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = ``--threads`` unless already set):
 
 1. **Affine registration to MNI152** (the nilearn template on the synthetic grid of
-   ``--shape``, :func:`scripts.make_synthetic_lumir.grid_affine`; LUMIR's 160 x 224 x 192 1 mm
+   ``--shape``, :func:`scripts.synthetic.lumir.grid_affine`; LUMIR's 160 x 224 x 192 1 mm
    grid by default). The template is skull-stripped and the scan is a whole head, so stage 1
    registers the head (Mattes mutual information, centre-of-mass start, antspyx's affine
    pyramid) with the metric evaluated only inside the template's brain mask dilated by
@@ -46,9 +46,9 @@ Steps (antspyx; ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = ``--threads`` unless 
    giving the subject the same 34-label map (tissue class x hemisphere x MNI-y quartile x
    MNI-z half, the template's region boundaries in MNI mm) and the same landmark definition
    (the same approximate MNI coordinates snapped to the subject's brain voxels) as
-   :mod:`scripts.make_synthetic_lumir`.
+   :mod:`scripts.synthetic.lumir`.
 4. **Pairs**: ``2 P`` images, each a random smooth diffeomorphic warp plus intensity changes
-   of the subject (:func:`scripts.make_synthetic_lumir.random_subject`, image ``i`` drawn from
+   of the subject (:func:`scripts.synthetic.lumir.random_subject`, image ``i`` drawn from
    the seed sequence ``[seed, i]``); pair ``j`` is ``(fixed 2j+1, moving 2j)``.
 
 Quality check of the affine registration (printed, and stored in ``subject/quality.json``):
@@ -65,7 +65,7 @@ Output, under ``OUT``:
   ``i = 0..2P-1`` (uint8 image, label map 0..34, landmark volume 0..20; same file names);
 - ``LUMIR_dataset.json`` (``validation`` = the ``P`` pairs, ``./imagesVal/...`` paths),
   ``LUMIR_VAL_Segmentation_evaluation_config.json``, ``LUMIR_VAL_Landmark_evaluation_config.json``
-  (the official evaluation-config format, as :mod:`scripts.make_synthetic_lumir` writes them)
+  (the official evaluation-config format, as :mod:`scripts.synthetic.lumir` writes them)
   and ``labels.json``;
 - ``subject/``: the undeformed subject on the grid (``t1.nii.gz`` uint8, ``labels.nii.gz``,
   ``landmarks.nii.gz``, ``brain_mask.nii.gz``, ``tissue_probabilities.nii.gz`` (CSF, GM, WM)),
@@ -98,17 +98,17 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError, exit_on_input_error
-from .file_io import atomic_save_nifti, atomic_write, atomic_write_text, ensure_writable_dir
-from .make_synthetic_lumir import (
+from ..errors import InputError, exit_on_input_error
+from ..file_io import atomic_save_nifti, atomic_write, atomic_write_text, ensure_writable_dir
+from .lumir import (
     FULL_SHAPE,
     LANDMARKS,
     NUM_LANDMARKS,
-    _full_template,
-    _nearest_allowed,
-    _resample,
-    _tissue_classes,
-    _check_count,
+    full_template,
+    nearest_allowed,
+    resample,
+    tissue_classes,
+    check_count,
     grid_affine,
     label_names,
     lumir_name,
@@ -212,8 +212,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def template_on_grid(shape: Sequence[int] = FULL_SHAPE) -> dict:
     """The MNI152 template (T1, brain-mask fraction, GM, WM) on the synthetic grid of ``shape``."""
     shape = parse_shape(shape)
-    full = _full_template()
-    t1, maskfrac, gm, wm = _resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
+    full = full_template()
+    t1, maskfrac, gm, wm = resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
     return {
         "t1": np.clip(t1, 0.0, 1.0).astype(np.float32),
         "maskfrac": maskfrac,
@@ -237,7 +237,7 @@ def landmark_volume(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
         target = (inv @ np.array([*mm, 1.0]))[:3]
         centre = None
         for allowed in (brain & ~blocked, brain & (out == 0)):
-            centre = _nearest_allowed(allowed, target, spacing)
+            centre = nearest_allowed(allowed, target, spacing)
             if centre is not None:
                 break
         if centre is None:
@@ -358,7 +358,7 @@ def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True,
     if n4:
         head = ants.n4_bias_field_correction(head, mask=search_img)
     own = _own_brain(ants, head, search, fixed, spacing)
-    tmpl_tissue = _tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
+    tmpl_tissue = tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
     quality["brain_dice"] = _dice(own, tmpl["mask"])
     quality["envelope_dice"] = _dice(own, _envelope(tmpl_tissue >= 2, spacing))  # like with like
     logger.info("stage 2 affine (brain -> MNI152) and brain estimate done, %.0fs", time.perf_counter() - t0)
@@ -376,7 +376,7 @@ def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True,
         head = ants.n4_bias_field_correction(head, mask=head.new_image_like(mask.astype(np.float32)))
     post = _segment(ants, head, mask, fixed)
     post *= mask
-    tissue = _tissue_classes(mask.astype(np.float32), post[1], post[2])
+    tissue = tissue_classes(mask.astype(np.float32), post[1], post[2])
     quality["gm_wm_dice"] = _dice(tissue >= 2, tmpl_tissue >= 2)
     quality["gm_dice"] = _dice(tissue == 2, tmpl_tissue == 2)
     quality["wm_dice"] = _dice(tissue == 3, tmpl_tissue == 3)
@@ -411,7 +411,7 @@ def make_pairs(t1_path, out_dir, pairs: int, seed: int, shape: Sequence[int] = F
     """Write ``pairs`` evaluation pairs of random deformations of the scan ``t1_path`` under
     ``out_dir`` (module docstring); return the ``LUMIR_dataset.json`` path."""
     shape = parse_shape(shape)
-    p = _check_count(pairs, "pairs", 1)
+    p = check_count(pairs, "pairs", 1)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {seed!r}")
     if not Path(t1_path).is_file():
@@ -422,9 +422,9 @@ def make_pairs(t1_path, out_dir, pairs: int, seed: int, shape: Sequence[int] = F
         affine = sub["affine"]
         for name, src in zip(("affine_stage2.mat", "affine_stage1.mat"), sub["transforms"]):
             atomic_write(out / "subject" / name, lambda tmp_path, src=src: shutil.copyfile(src, tmp_path), ".mat")
-    from .make_synthetic_lumir import _to_uint8
+    from .lumir import to_uint8
 
-    atomic_save_nifti(_to_uint8(sub["t1"], sub["mask"]), affine, out / "subject" / "t1.nii.gz", np.uint8)
+    atomic_save_nifti(to_uint8(sub["t1"], sub["mask"]), affine, out / "subject" / "t1.nii.gz", np.uint8)
     atomic_save_nifti(sub["labels"], affine, out / "subject" / "labels.nii.gz", np.uint8)
     atomic_save_nifti(sub["landmarks"], affine, out / "subject" / "landmarks.nii.gz", np.uint8)
     atomic_save_nifti(sub["mask"].astype(np.uint8), affine, out / "subject" / "brain_mask.nii.gz", np.uint8)
@@ -485,7 +485,7 @@ def make_pairs(t1_path, out_dir, pairs: int, seed: int, shape: Sequence[int] = F
 @exit_on_input_error
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.make_subject_pairs",
+        prog="python -m scripts.synthetic.subject_pairs",
         description="Write LUMIR-layout evaluation pairs made from random deformations of one real T1w scan.",
     )
     parser.add_argument("t1", help="T1w NIfTI (head or brain, any orientation and voxel size)")
@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=2, help="ITK threads (unless ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS is set)")
     args = parser.parse_args(argv)
     shape = parse_shape(args.shape)
-    _check_count(args.pairs, "pairs", 1)
+    check_count(args.pairs, "pairs", 1)
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
     if not Path(args.t1).is_file():

@@ -19,6 +19,8 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InputError
+
 __all__ = [
     "warp_nearest",
     "dice_per_label",
@@ -28,6 +30,7 @@ __all__ = [
     "tre",
     "tetra_jacobian_dets",
     "ndv",
+    "jacobian_determinant",
     "jacobian_stats",
     "evaluate_pair",
 ]
@@ -44,7 +47,7 @@ def _check_disp(disp: np.ndarray, shape=None) -> np.ndarray:
     return disp
 
 
-def _as_labels(volume: np.ndarray, what: str = "label map") -> np.ndarray:
+def as_labels(volume: np.ndarray, what: str = "label map") -> np.ndarray:
     """Integer copy of a label map; raise ValueError for negative, huge or non-integer values."""
     a = np.asarray(volume)
     if not np.issubdtype(a.dtype, np.integer):
@@ -85,8 +88,8 @@ def dice_per_label(fixed_lab, warped_lab, labels, moving_lab=None) -> dict[int, 
     ``compute_dice_coefficient``). NaN for a label absent from the fixed map, or from
     ``moving_lab`` (the unwarped moving map) when it is given; this is the official rule, so the
     case score is ``np.nanmean`` of the values. Label 0 is scored if listed (LUMIR lists it)."""
-    f, w = _as_labels(fixed_lab), _as_labels(warped_lab)
-    m = f if moving_lab is None else _as_labels(moving_lab, "moving label map")
+    f, w = as_labels(fixed_lab), as_labels(warped_lab)
+    m = f if moving_lab is None else as_labels(moving_lab, "moving label map")
     labels = [int(k) for k in labels]
     ok = _eligible(f, m, labels)
     n = int(max(f.max(initial=0), w.max(initial=0), max(labels, default=0))) + 1
@@ -96,7 +99,7 @@ def dice_per_label(fixed_lab, warped_lab, labels, moving_lab=None) -> dict[int, 
 
 
 @functools.lru_cache(maxsize=8)
-def _surfel_area_table(spacing: tuple) -> np.ndarray:
+def surfel_area_table(spacing: tuple) -> np.ndarray:
     """Area of the marching-cubes surface in each of the 256 2x2x2 neighbourhood codes (DeepMind
     ``create_table_neighbour_code_to_surface_area``); the normals table is DeepMind's, as
     shipped by MONAI (``monai.metrics.utils``), evaluated in float64 like the original."""
@@ -146,7 +149,7 @@ def surface_distances(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing=(1.0, 
     if not both.any():
         return dict(distances_gt_to_pred=empty, distances_pred_to_gt=empty, surfel_areas_gt=empty, surfel_areas_pred=empty)
     box = ndimage.find_objects(both.astype(np.uint8))[0]
-    table = _surfel_area_table(tuple(spacing))
+    table = surfel_area_table(tuple(spacing))
     pts, areas = {}, {}
     pts["gt"], areas["gt"] = _surfels(mask_gt, box, table)
     pts["pred"], areas["pred"] = _surfels(mask_pred, box, table)
@@ -184,8 +187,8 @@ def hd95_per_label(fixed_lab, warped_lab, labels, moving_lab=None, spacing=(1.0,
     warped map (the official value). Each label is processed inside the bounding box of its
     fixed and warped voxels, which gives exactly the full-volume result (DeepMind crops the
     same way) at a fraction of the cost."""
-    f, w = _as_labels(fixed_lab), _as_labels(warped_lab)
-    m = f if moving_lab is None else _as_labels(moving_lab, "moving label map")
+    f, w = as_labels(fixed_lab), as_labels(warped_lab)
+    m = f if moving_lab is None else as_labels(moving_lab, "moving label map")
     labels = [int(k) for k in labels]
     ok = _eligible(f, m, labels)
     box_f, box_w = ndimage.find_objects(f + 1), ndimage.find_objects(w + 1)
@@ -310,28 +313,31 @@ def ndv(disp: np.ndarray, moving_mask: np.ndarray, backend: str = "numpy", slab:
     return float(volume / total * 100.0)
 
 
+def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
+    """``det(I + grad ddf)`` per voxel of a channels-first ``ddf (3, H, W, D)`` in voxel units.
+
+    Derivatives are ``np.gradient``'s: central differences inside, one-sided at the border,
+    computed in ``ddf``'s own float dtype. ``J <= 0`` marks folding; ``J = 1`` preserves volume.
+    """
+    if ddf.ndim != 4 or ddf.shape[0] != 3 or min(ddf.shape[1:]) < 2:
+        raise InputError(f"ddf must have shape (3, H, W, D), got {tuple(ddf.shape)}")
+    g = [np.gradient(ddf[i]) for i in range(3)]  # g[i][j] = d ddf_i / d x_j
+    a, b, c = g[0][0] + 1.0, g[0][1], g[0][2]
+    e, f, h = g[1][0], g[1][1] + 1.0, g[1][2]
+    k, m, n = g[2][0], g[2][1], g[2][2] + 1.0
+    return a * (f * n - h * m) - b * (e * n - h * k) + c * (e * m - f * k)
+
+
 def jacobian_stats(disp: np.ndarray) -> tuple[float, float]:
-    """``(sdlogj, folding_pct)`` of ``J = det(I + grad disp)``, with ``grad`` by central differences
-    (``np.gradient``'s interior formula) on the voxels at least 1 voxel from the border.
+    """``(sdlogj, folding_pct)`` of ``J = det(I + grad disp)`` (:func:`jacobian_determinant`, in
+    float64) on the voxels at least 1 voxel from the border (central differences there).
     ``sdlogj`` = std (ddof 0) of ``log J`` over the voxels with ``J > 0``; ``folding_pct`` =
     percentage of those interior voxels with ``J <= 0``. (Not the L2R ``sdlogj`` of other tasks,
     which adds 3 to J and clips; LUMIR's configs do not ask for it.)"""
     u = _check_disp(disp).astype(np.float64, copy=False)
     if min(u.shape[:3]) < 3:
         return float("nan"), float("nan")
-    c = slice(1, -1)
-    core = (c, c, c)
-    # g[i][j] = d u_j / d x_i  (+ identity)
-    g = []
-    for ax in range(3):
-        hi = list(core), list(core)
-        hi[0][ax], hi[1][ax] = slice(2, None), slice(None, -2)
-        d = (u[tuple(hi[0])] - u[tuple(hi[1])]) * 0.5
-        d[..., ax] += 1.0
-        g.append(d)
-    J = (g[0][..., 0] * (g[1][..., 1] * g[2][..., 2] - g[1][..., 2] * g[2][..., 1])
-         - g[0][..., 1] * (g[1][..., 0] * g[2][..., 2] - g[1][..., 2] * g[2][..., 0])
-         + g[0][..., 2] * (g[1][..., 0] * g[2][..., 1] - g[1][..., 1] * g[2][..., 0]))
+    J = jacobian_determinant(np.moveaxis(u, -1, 0))[1:-1, 1:-1, 1:-1]
     pos = J > 0
     folding = float(100.0 * (J.size - pos.sum()) / J.size)
     sdlogj = float(np.log(J[pos]).std()) if pos.any() else float("nan")
@@ -365,8 +371,8 @@ def evaluate_pair(
     if dice_labels is not None or hd95_labels is not None:
         if fixed_label is None or moving_label is None:
             raise ValueError("dice/hd95 need fixed_label and moving_label")
-        f = _as_labels(fixed_label, "fixed label map")
-        m = _as_labels(moving_label, "moving label map")
+        f = as_labels(fixed_label, "fixed label map")
+        m = as_labels(moving_label, "moving label map")
         w = warp_nearest(m, _check_disp(disp, f.shape))
         if dice_labels is not None:
             out["dice_per_label"] = dice_per_label(f, w, dice_labels, moving_lab=m)

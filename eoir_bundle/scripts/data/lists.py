@@ -16,8 +16,8 @@ from pathlib import Path
 
 import nibabel as nib
 
-from .errors import InputError
-from .geometry import check_affine
+from ..errors import InputError
+from ..geometry import check_affine
 
 
 def resolve(dataset_dir: str | os.PathLike, entry: str) -> str:

@@ -1,7 +1,7 @@
 """EOIR as the authors wrote it, restated in plain torch: the straightforward implementation
 in their module layout, for comparison (not used by inference or training).
 
-Written from ``shared/eoir/ARCHITECTURE.md`` without MONAI: explicit
+Written from the authors' published architecture without MONAI: explicit
 ``grid_sample`` with identity grids stored per level, like the authors' ``SpatialTransformer``,
 and every level's features kept (so its ``state_dict`` has their exact keys, grid buffers
 included). The tests check that :class:`scripts.network.EOIR` gives its field for the same
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert_checkpoint import _GRID_BUFFER, bundle_key
+from ..convert_checkpoint import GRID_BUFFER_KEY, bundle_key
 
 
 class ConvBlock(nn.Module):
@@ -104,7 +104,7 @@ def from_eoir(net, size) -> AuthorsEOIR:
     model = AuthorsEOIR(int(ours["encoder.0.conv.weight"].shape[0]), tuple(size))
     state = model.state_dict()
     for key in state:
-        if _GRID_BUFFER.match(key):
+        if GRID_BUFFER_KEY.match(key):
             continue
         state[key] = ours[bundle_key(key)].detach().clone()
     model.load_state_dict(state, strict=True)

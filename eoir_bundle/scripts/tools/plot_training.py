@@ -3,7 +3,7 @@ validation Dice / folding per epoch.
 
 Usage (from the bundle folder)::
 
-    python -m scripts.plot_training runs/train docs/training_curve.png
+    python -m scripts.tools.plot_training runs/train docs/training_curve.png
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import InputError, exit_on_input_error
-from .file_io import atomic_write
+from ..errors import InputError, exit_on_input_error
+from ..file_io import atomic_write
 
 
 def _scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -35,7 +35,7 @@ def _smooth(y: np.ndarray, n: int = 20) -> np.ndarray:
 
 @exit_on_input_error
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m scripts.plot_training", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tools.plot_training", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", help="the training output_dir (TensorBoard events)")
     ap.add_argument("output", help="PNG to write")
     a = ap.parse_args(argv)

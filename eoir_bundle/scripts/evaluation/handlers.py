@@ -1,5 +1,5 @@
 """Ignite handler that scores an evaluator's fields with the LUMIR metrics of
-:mod:`scripts.registration_metrics` (the official evaluator's definitions).
+:mod:`scripts.evaluation.metrics` (the official evaluator's definitions).
 
 Per pair it reads, from the decollated ``engine.state.batch`` / ``engine.state.output``:
 ``pred`` (the field, ``(3, H, W, D)``, voxels), ``moving_label`` / ``fixed_label`` (label
@@ -27,11 +27,11 @@ import numpy as np
 from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
-from .file_io import subject_id
-from .lumir_metrics import METRICS as ALL_METRICS
-from .lumir_metrics import summarize, write_report
+from ..file_io import subject_id
+from .lumir import METRICS as ALL_METRICS
+from .lumir import summarize, write_report
 from .qc import save_qc_png
-from .registration_metrics import evaluate_pair
+from .metrics import evaluate_pair
 
 
 class RegistrationMetrics:

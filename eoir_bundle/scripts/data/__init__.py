@@ -1,0 +1,1 @@
+"""Data lists (LUMIR dataset JSONs, folders, pairs) and the random-pair training dataset."""

@@ -1,0 +1,1 @@
+"""Developer tools: benchmarks, the lean path's profiler, method comparisons, training plots."""
