@@ -14,7 +14,7 @@ SCRIPTS = ROOT / "eoir_bundle" / "scripts"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
     ("foundation", {"errors", "file_io", "geometry", "threads"}),
-    ("model", {"layers", "network", "losses", "checkpoint"}),
+    ("model", {"layers", "inverse", "network", "losses", "checkpoint"}),
     ("components", {"lean", "data", "evaluation", "transforms"}),
     ("runtime", {"instance_optimization", "disp_writer", "training", "warp", "convert_checkpoint"}),
     ("generators", {"synthetic"}),

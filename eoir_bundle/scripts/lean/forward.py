@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.profiler import record_function
 
+from ..inverse import invert_levels
 from ..layers import crop_padding, pad_to_multiple, padding_to_multiple
 from ..network import EOIR, NUM_LEVELS
 from .encoder import Encoder, choose_split, encode
@@ -45,8 +46,10 @@ def default_store_limit(start_channel: int) -> float:
 
 
 def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-          store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
-    """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
+          store_limit: float | None = None, finest_level: int = 0, with_inverse: bool = False):
+    """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16);
+    ``with_inverse``: ``(ddf, inverse)``, the inverse composed from the levels' velocities
+    (:func:`scripts.inverse.invert_levels`, with this path's integration and warp).
 
     The fixed features are kept ragged (only their non-background voxels), the moving ones
     dense (``grid_sample`` reads them anywhere). Each image's block-2 storage is the fastest
@@ -78,7 +81,7 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
             levels.append(level)
         del level
     release_free_memory()
-    u = None
+    u, velocities = None, []
     for level in reversed(range(finest_level, NUM_LEVELS)):
         if level == 1:
             xs[1], ys[1] = EOIR.downsample(xs[0]), downsample_map(ys[0])
@@ -90,6 +93,8 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
         xs[level] = ys[level] = None  # this level's features are no longer needed
         with record_function(f"lean.integrate.level{level}"):
             phi = integrate(v)
+        if with_inverse:
+            velocities.insert(0, v)
         del v
         if u is not None:  # compose with the coarser field: phi + warp(up, phi)
             w = warp(EOIR.upsample_field(u), phi)
@@ -98,11 +103,18 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
         release_free_memory()
     for _ in range(finest_level):
         u = EOIR.upsample_field(u)
-    return u
+    if not with_inverse:
+        return u
+    with record_function("lean.inverse"):
+        inverse = invert_levels(velocities, integrate, warp, EOIR.upsample_field)
+        del velocities
+        for _ in range(finest_level):
+            inverse = EOIR.upsample_field(inverse)
+    return u, inverse
 
 
 def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-                 store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
+                 store_limit: float | None = None, finest_level: int = 0, with_inverse: bool = False):
     """``net.eval()(x)`` computed lean: ``x (B, 2, D0, D1, D2) = cat([moving, fixed], 1)`` -> ``ddf``.
 
     Args:
@@ -120,10 +132,12 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             image's block 2 is stored in groups or recomputed (slower, see NOTES.md).
         finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
             0 = the whole network).
+        with_inverse: also return the inverse field, as ``EOIR.forward_with_inverse`` does
+            (the levels' velocities are kept: 1.14 x a 3-channel full-size field).
 
     Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode (an
     ordinary tensor: computed under ``torch.inference_mode()``, returned as a copy usable
-    with autograd, e.g. to start instance optimisation from).
+    with autograd, e.g. to start instance optimisation from); ``with_inverse``: ``(ddf, inverse)``.
     """
     if x.ndim != 5 or x.shape[1] != 2:
         raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
@@ -133,13 +147,19 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
     pads = padding_to_multiple(shape, net.divisor)
     with torch.inference_mode(), record_function("lean.forward"):
         x = pad_to_multiple(x, pads)
-        out = []
+        out, inv = [], []
         for b in range(x.shape[0]):
             xb = x[b].float()
             ddf = _pair(net, xb[0].contiguous(), xb[1].contiguous(), rows=rows, skip_background=skip_background,
-                        store_limit=store_limit, finest_level=finest_level)
+                        store_limit=store_limit, finest_level=finest_level, with_inverse=with_inverse)
+            if with_inverse:
+                ddf, inverse = ddf
+                inv.append(crop_padding(inverse, pads, shape).contiguous())
             out.append(crop_padding(ddf, pads, shape).contiguous())
         ddf = out[0] if len(out) == 1 else torch.cat(out, 0)
+        if with_inverse:
+            inverse = inv[0] if len(inv) == 1 else torch.cat(inv, 0)
+            return ddf.clone(), inverse.clone()  # outside inference mode: ordinary tensors
     return ddf.clone()  # outside inference mode: an ordinary tensor
 
 
@@ -171,6 +191,15 @@ class LeanEOIR(nn.Module):
         x = x.as_tensor() if isinstance(x, MetaTensor) else x  # plain tensor: no per-op metadata bookkeeping
         return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
                             store_limit=self.store_limit, finest_level=finest_level)
+
+    def forward_with_inverse(self, x: torch.Tensor, finest_level: int = 0):
+        """``(ddf, inverse)``: ``EOIR.forward_with_inverse``, by the lean path where :meth:`forward`
+        takes it."""
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
+            return self.net.forward_with_inverse(x, finest_level)
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
+                            store_limit=self.store_limit, finest_level=finest_level, with_inverse=True)
 
     def state_dict(self, *args, **kwargs):
         return self.net.state_dict(*args, **kwargs)
