@@ -20,8 +20,8 @@ The reverse composition is not exact: each ``exp(-v)`` inverts the 7-step scalin
 of ``exp(v)`` only up to its interpolation errors, which the coarse levels make largest and
 each upsampling doubles (in voxels of the finest grid); and EOIR's ``upsample`` is not exactly a
 change of grid (see :func:`invert_levels`). A few fixed-point steps started from it
-(``fixed_point_inverse(u, start=w)``) remove that residue; the measured effect is in the
-bundle's ``docs/inverse_and_jacobian.md``.
+(``fixed_point_inverse(u, start=w)``) remove that residue (``python -m
+scripts.tools.inverse_check`` measures the inverse-consistency error).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ waits for it (the memory-lean path runs many small regions): on 2 cores one pure
 loop made inference 2.5-3x slower, one single-threaded ANTs job about 10x. One thread fewer
 than the free cores has no barrier to wait at. ``OMP_WAIT_POLICY=PASSIVE`` also helps, but
 libgomp reads it when torch is imported, before any bundle code runs: setting it from here has
-no effect (measured; see ``docs/shared_cpu.md``).
+no effect.
 
 How (``num_threads="auto"``): over :data:`SAMPLE_SECONDS` (this process idle), the busy time
 of the CPUs this process may run on (``os.sched_getaffinity``, ``/proc/stat``), less this
