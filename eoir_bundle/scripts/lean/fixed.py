@@ -6,12 +6,13 @@ image, so a run that registers every subject to one template can compute them on
 :class:`FixedFeatureCache` keeps the last fixed image's features, keyed by the image's content
 (a hash of its voxels) and by what shapes them (the weights, ``rows``, ``skip_background``,
 ``store_limit``). What it saves: the fixed encoder and pyramid, measured on the sample pair
-(N=16, 160 x 224 x 192, 2 threads, ``python -m scripts.tools.profile_lean`` ranges) as 28 % of
+(N=16, 160 x 224 x 192, 2 threads; the ``lean.*`` profiler ranges that
+``scripts.tools.profile_lean`` reads) as 28 % of
 the whole network's time and 42 % of the network down to level 1 (instance optimisation's
-warm start). What it costs: the features stay in memory between pairs (0.38 of an N-channel
-full-size map on skull-stripped brains: about 0.17 GB at N=16), and the finest estimator
-reads them without releasing their rows as it goes (no higher peak: the level starts with
-them whole). A new fixed image replaces the entry before it is encoded.
+warm start). What it costs: the features stay in memory between pairs (0.37 of an N-channel
+full-size map on the sample pair: 0.16 GB at N=16), and the finest estimator
+reads them without releasing their rows as it goes (the level starts with them whole either
+way). A new fixed image replaces the entry before it is encoded.
 """
 
 from __future__ import annotations
