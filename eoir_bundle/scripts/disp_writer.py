@@ -29,7 +29,6 @@ from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
 from .evaluation.metrics import jacobian_determinant
-
 from .file_io import atomic_save_image, atomic_save_itk_displacement, atomic_save_nifti, ensure_writable_dir, read_image, subject_id
 from .geometry import field_to_fixed_grid, itk_displacement, same_grid, warp_to_fixed
 from .evaluation.qc import save_qc_png
