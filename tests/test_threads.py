@@ -5,6 +5,7 @@ CI machines may be noisy: the assertions are relations that other load cannot br
 load only makes cores busier), never exact idle values.
 """
 
+import json
 import logging
 import os
 import re
@@ -154,3 +155,24 @@ def test_train_and_evaluate_configs_choose_the_threads_of_their_engine():
         parser["num_threads"] = 3
         handler = parser.get_parsed_content(f"{handlers}#{index}")
         assert isinstance(handler, CpuThreads) and handler.num_threads == 3 and handler.on_cpu
+
+
+def test_shared_cpu_tool_times_runs_under_busy_processes_and_stops_them(tmp_path):
+    """``python -m scripts.tools.shared_cpu`` (tiny training step): a row per load and setting,
+    the threads of each step, and no busy process left behind."""
+    tool = subprocess.Popen([sys.executable, "-m", "scripts.tools.shared_cpu", "--cases", "train_step", "--busy", "0,1",
+                             "--num_threads", "auto,1", "--train_shape", "16,16,16", "--train_start_channel", "4"],
+                            cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = tool.communicate(timeout=300)
+    finally:
+        tool.kill()
+    assert tool.returncode == 0, err[-2000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    rows = {(r["busy"], r["num_threads"]): r for r in report["runs"]}
+    assert sorted(rows, key=str) == sorted([(0, "auto"), (0, 1), (1, "auto"), (1, 1)], key=str)
+    assert rows[(1, 1)]["threads"] == [1, 1] and rows[(0, 1)]["x_idle"] == 1.0
+    assert all(1 <= t <= CORES for r in report["runs"] for t in r["threads"]) and rows[(1, "auto")]["seconds"] > 0
+    assert "external_busy" in rows[(1, "auto")]
+    left = subprocess.run(["pgrep", "-f", f"busy loop of {tool.pid}"], capture_output=True, text=True).stdout.split()
+    assert not left
