@@ -157,11 +157,11 @@ def test_train_and_evaluate_configs_choose_the_threads_of_their_engine():
         assert isinstance(handler, CpuThreads) and handler.num_threads == 3 and handler.on_cpu
 
 
-def test_shared_cpu_tool_times_runs_under_busy_processes_and_stops_them(tmp_path):
-    """``python -m scripts.tools.shared_cpu`` (tiny training step): a row per load and setting,
-    the threads of each step, and no busy process left behind."""
+def test_shared_cpu_tool_times_runs_under_busy_processes_and_stops_them():
+    """``python -m scripts.tools.shared_cpu`` (tiny training step): a row per load, the threads
+    of each step, and no busy process left behind."""
     tool = subprocess.Popen([sys.executable, "-m", "scripts.tools.shared_cpu", "--cases", "train_step", "--busy", "0,1",
-                             "--num_threads", "auto,1", "--train_shape", "16,16,16", "--train_start_channel", "4"],
+                             "--num_threads", "auto", "--train_shape", "32,48,32", "--train_start_channel", "4"],
                             cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = tool.communicate(timeout=300)
@@ -169,10 +169,9 @@ def test_shared_cpu_tool_times_runs_under_busy_processes_and_stops_them(tmp_path
         tool.kill()
     assert tool.returncode == 0, err[-2000:]
     report = json.loads(out.strip().splitlines()[-1])
-    rows = {(r["busy"], r["num_threads"]): r for r in report["runs"]}
-    assert sorted(rows, key=str) == sorted([(0, "auto"), (0, 1), (1, "auto"), (1, 1)], key=str)
-    assert rows[(1, 1)]["threads"] == [1, 1] and rows[(0, 1)]["x_idle"] == 1.0
-    assert all(1 <= t <= CORES for r in report["runs"] for t in r["threads"]) and rows[(1, "auto")]["seconds"] > 0
-    assert "external_busy" in rows[(1, "auto")]
+    assert [(r["busy"], r["num_threads"]) for r in report["runs"]] == [(0, "auto"), (1, "auto")]
+    for r in report["runs"]:
+        assert r["seconds"] > 0 and r["x_idle"] > 0 and r["external_busy"] >= 0
+        assert len(r["threads"]) == 2 and all(1 <= t <= CORES for t in r["threads"])  # warm-up and timed step
     left = subprocess.run(["pgrep", "-f", f"busy loop of {tool.pid}"], capture_output=True, text=True).stdout.split()
     assert not left

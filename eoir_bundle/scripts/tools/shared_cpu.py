@@ -234,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "rerun a run during which they kept as many busy on average (default: no wait)")
     parser.add_argument("--quiet_wait", type=float, default=3600.0, help="seconds to wait for quiet at most")
     parser.add_argument("--attempts", type=int, default=3, help="runs at most per measurement with --quiet_below")
-    return run_benchmark(parser.parse_args(argv))
+    report = run_benchmark(parser.parse_args(argv))
+    if any("error" in r for r in report["runs"]):
+        raise SystemExit("some runs failed (see the table)")
+    return report
 
 
 if __name__ == "__main__":
