@@ -5,6 +5,7 @@ CI machines may be noisy: the assertions are relations that other load cannot br
 load only makes cores busier), never exact idle values.
 """
 
+import json
 import logging
 import os
 import re
@@ -154,3 +155,23 @@ def test_train_and_evaluate_configs_choose_the_threads_of_their_engine():
         parser["num_threads"] = 3
         handler = parser.get_parsed_content(f"{handlers}#{index}")
         assert isinstance(handler, CpuThreads) and handler.num_threads == 3 and handler.on_cpu
+
+
+def test_shared_cpu_tool_times_runs_under_busy_processes_and_stops_them():
+    """``python -m scripts.tools.shared_cpu`` (tiny training step): a row per load, the threads
+    of each step, and no busy process left behind."""
+    tool = subprocess.Popen([sys.executable, "-m", "scripts.tools.shared_cpu", "--cases", "train_step", "--busy", "0,1",
+                             "--num_threads", "auto", "--train_shape", "32,48,32", "--train_start_channel", "4"],
+                            cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = tool.communicate(timeout=300)
+    finally:
+        tool.kill()
+    assert tool.returncode == 0, err[-2000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [(r["busy"], r["num_threads"]) for r in report["runs"]] == [(0, "auto"), (1, "auto")]
+    for r in report["runs"]:
+        assert r["seconds"] > 0 and r["x_idle"] > 0 and r["external_busy"] >= 0
+        assert len(r["threads"]) == 2 and all(1 <= t <= CORES for t in r["threads"])  # warm-up and timed step
+    left = subprocess.run(["pgrep", "-f", f"busy loop of {tool.pid}"], capture_output=True, text=True).stdout.split()
+    assert not left

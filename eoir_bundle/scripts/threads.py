@@ -33,7 +33,8 @@ from ignite.engine import Engine, Events
 
 from .errors import InputError
 
-__all__ = ["CpuThreads", "busy_cores", "choose_threads", "check_num_threads", "own_cpu_seconds", "DEFAULT_THREADS"]
+__all__ = ["CpuThreads", "busy_cores", "choose_threads", "check_num_threads", "cpus_busy_seconds", "own_cpu_seconds",
+           "DEFAULT_THREADS"]
 
 logger = logging.getLogger("eoir.threads")
 
@@ -53,8 +54,8 @@ def check_num_threads(value: Any) -> str | int:
     raise InputError(f"num_threads must be \"auto\" or an integer >= 1, got {value!r}")
 
 
-def _cpus_busy_ticks(cpus: set[int]) -> int:
-    """Busy clock ticks (all but idle and iowait) of ``cpus`` since boot, from ``/proc/stat``."""
+def cpus_busy_seconds(cpus: set[int]) -> float:
+    """Busy seconds (all but idle and iowait) of ``cpus`` since boot, from ``/proc/stat``."""
     total = 0
     with open("/proc/stat") as f:
         for line in f:
@@ -63,7 +64,7 @@ def _cpus_busy_ticks(cpus: set[int]) -> int:
                 if int(name[3:]) in cpus:
                     v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
                     total += sum(v) - v[3] - v[4]
-    return total
+    return total / _TICKS
 
 
 def own_cpu_seconds() -> float:
@@ -87,10 +88,10 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> tuple[float, int]:
     """``(busy, cores)``: how many of this process's ``cores`` other processes kept busy over the
     next ``seconds`` (this call sleeps); ``OSError`` where ``/proc`` cannot tell."""
     cpus = os.sched_getaffinity(0)
-    t0, busy0, own0 = time.monotonic(), _cpus_busy_ticks(cpus), own_cpu_seconds()
+    t0, busy0, own0 = time.monotonic(), cpus_busy_seconds(cpus), own_cpu_seconds()
     time.sleep(seconds)
-    t1, busy1, own1 = time.monotonic(), _cpus_busy_ticks(cpus), own_cpu_seconds()
-    others = ((busy1 - busy0) / _TICKS - (own1 - own0)) / (t1 - t0)
+    t1, busy1, own1 = time.monotonic(), cpus_busy_seconds(cpus), own_cpu_seconds()
+    others = ((busy1 - busy0) - (own1 - own0)) / (t1 - t0)
     return min(max(others, 0.0), float(len(cpus))), len(cpus)
 
 

@@ -2,15 +2,16 @@
 
     python -m scripts.tools.shared_cpu [--busy 0,1,2] [--num_threads auto,2] \\
         [--cases inference,inference_io0,train_step] [--train_shape 80,112,96] [--train_start_channel 16] \\
-        [--repeats 1] [--timeout 1800]
+        [--repeats 1] [--timeout 1800] [--quiet_below 0.2 --quiet_wait 3600 --attempts 3]
 
-For each count in ``--busy``, that many pure-Python busy loops run in the background, each
-its own process (``while`` a deadline is not reached; all are killed at the end, also on an
-error or Ctrl-C), and every case runs under every ``--num_threads`` setting, each run in its own
-process, in a user's default environment: ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
-``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` removed. ``auto`` is the configs' default (the
-threads chosen from the cores other processes leave free, :mod:`scripts.threads`); an integer
-forces that many threads: the number of cores is the behaviour before the choice existed.
+Every case runs under every ``--num_threads`` setting and every load of ``--busy``: that many
+pure-Python busy loops in the background, each its own process, started for the run and
+killed after it (also on an error or Ctrl-C; each also ends by itself after ``--timeout`` +
+2 min). Each run is its own process, in a user's default environment: ``OMP_NUM_THREADS``,
+``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` removed. ``auto`` is the
+configs' default (the threads chosen from the cores other processes leave free,
+:mod:`scripts.threads`); an integer forces that many threads: the number of cores is the
+behaviour before the choice existed.
 
 Cases:
     ``inference``: ``python -m monai.bundle run inference --config_file configs/inference.json
@@ -23,19 +24,25 @@ Cases:
     ``--train_steps`` steps after one warm-up step) at ``--train_shape`` and
     ``--train_start_channel``.
 
+Other users' load: each run reports ``external_busy``, the cores that processes not started
+here kept busy during it, on average (busy time of the usable CPUs less this process's own,
+its busy loops' and its runs'). ``--quiet_below C``: before each run, wait (at most
+``--quiet_wait`` s) until that load is below C cores, and rerun (at most ``--attempts`` runs)
+when it was not below C during the run.
+
 Output: a table (seconds, the ratio to the same setting with no busy process, the threads
-chosen as logged, and the load of processes not started here, in cores, before and after the
-run: :func:`scripts.threads.busy_cores` of this process, whose busy loops and runs are its
-own), then JSON as the last line.
+chosen as logged, the external load), then JSON as the last line.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +52,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..threads import busy_cores
+from ..threads import busy_cores, cpus_busy_seconds, own_cpu_seconds
 from .benchmark import make_input, shape_argument, spawn_worker
 from .benchmark_train_step import threads_argument
 
@@ -56,7 +63,8 @@ _THREADS_LINE = re.compile(r"CPU threads: ([^\n]*)")
 
 def start_busy(count: int, lifetime: float) -> list[subprocess.Popen]:
     """``count`` pure-Python busy loops, each its own process, each ending by itself after ``lifetime`` s."""
-    code = f"import time\nend = time.monotonic() + {lifetime}\nwhile time.monotonic() < end:\n    pass\n"
+    code = (f"# busy loop of {os.getpid()}\nimport time\nend = time.monotonic() + {lifetime}\n"
+            "while time.monotonic() < end:\n    pass\n")
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
 
 
@@ -105,6 +113,44 @@ def run_train_step(num_threads: str | int, args: argparse.Namespace, input_file:
     return {"seconds": r["seconds"], "seconds_all": r["seconds_all"], "threads": r["threads"]}
 
 
+def _own_and_reaped_seconds() -> float:
+    """CPU seconds of this process, its live children (the busy loops) and its ended ones (the runs)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own_cpu_seconds() + r.ru_utime + r.ru_stime
+
+
+def wait_until_quiet(quiet_below: float | None, max_wait: float) -> float:
+    """Seconds waited until processes not started here keep less than ``quiet_below`` cores busy
+    (over 2 s; at most ``max_wait`` s; None: no wait)."""
+    t0 = time.monotonic()
+    while quiet_below is not None and time.monotonic() - t0 < max_wait and busy_cores(2.0)[0] >= quiet_below:
+        time.sleep(10.0)
+    return time.monotonic() - t0
+
+
+def _timed_run(busy: int, case: str, setting: str | int, args: argparse.Namespace, input_file: Path,
+               tmp: Path) -> dict:
+    """One run under ``busy`` busy loops (started for it, killed after it), with ``external_busy``:
+    the cores that processes not started here kept busy meanwhile, on average."""
+    cpus = os.sched_getaffinity(0)
+    procs = start_busy(busy, args.timeout + 120.0)
+    try:
+        time.sleep(1.0 if busy else 0.0)  # the busy loops are running
+        t0, cpu0, own0 = time.monotonic(), cpus_busy_seconds(cpus), _own_and_reaped_seconds()
+        try:
+            if case == "train_step":
+                r = run_train_step(setting, args, input_file, tmp)
+            else:
+                r = run_inference(setting, case == "inference_io0", tmp / "out", args.timeout)
+        except subprocess.TimeoutExpired:
+            r = {"error": f"timed out after {args.timeout} s"}
+        t1, cpu1, own1 = time.monotonic(), cpus_busy_seconds(cpus), _own_and_reaped_seconds()
+    finally:
+        stop_busy(procs)
+    r["external_busy"] = round(max(0.0, (cpu1 - cpu0) - (own1 - own0)) / (t1 - t0), 2)
+    return r
+
+
 def _machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -127,7 +173,7 @@ def _table(report: dict) -> str:
         ratio = f"{r['x_idle']:.2f}" if r.get("x_idle") else "-"
         cmd_s = f"{r['command_seconds']:.1f}" if "command_seconds" in r else "-"
         threads = "; ".join(r["threads"]) if r["case"] != "train_step" else ",".join(map(str, r["threads"]))
-        ext = "{:.1f}/{:.1f}".format(*r["external_busy"])
+        ext = f"{r['external_busy']:.2f}"
         rows.append(f"{r['busy']:>4}  {r['case']:<14} {r['num_threads']:>11} {r['seconds']:>8.1f} {ratio:>7}  "
                     f"{cmd_s:>9}  {ext:>9}  {threads}")
     return "\n".join(rows)
@@ -150,34 +196,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         input_file = tmp / "train_input.npy"
         if "train_step" in cases:
             np.save(input_file, make_input(args.train_shape, "brain", 0)[0])
-        for busy in busy_counts:
-            procs = start_busy(busy, args.busy_lifetime)
-            try:
-                time.sleep(1.0 if busy else 0.0)  # the busy loops are running
-                for rep in range(args.repeats):
-                    for case in cases:
-                        for setting in settings:
-                            print(f"busy {busy}, {case}, num_threads {setting}, run {rep + 1} ...",
-                                  file=sys.stderr, flush=True)
-                            external = busy_cores(0.5)[0]  # other users' load (the busy loops are ours)
-                            try:
-                                if case == "train_step":
-                                    r = run_train_step(setting, args, input_file, tmp)
-                                else:
-                                    r = run_inference(setting, case == "inference_io0", tmp / "out", args.timeout)
-                            except subprocess.TimeoutExpired:
-                                r = {"error": f"timed out after {args.timeout} s"}
-                            r.update(busy=busy, case=case, num_threads=setting, run=rep + 1,
-                                     external_busy=[round(external, 2), round(busy_cores(0.5)[0], 2)])
-                            if "seconds" in r:
-                                if busy == 0:
-                                    idle.setdefault((case, setting), r["seconds"])
-                                if (case, setting) in idle:
-                                    r["x_idle"] = r["seconds"] / idle[(case, setting)]
-                            print(f"  {json.dumps(r)}", file=sys.stderr, flush=True)
-                            report["runs"].append(r)
-            finally:
-                stop_busy(procs)
+        for rep, busy, case, setting in itertools.product(range(args.repeats), busy_counts, cases, settings):
+            for attempt in range(1, args.attempts + 1):
+                waited = wait_until_quiet(args.quiet_below, args.quiet_wait)
+                print(f"busy {busy}, {case}, num_threads {setting}, run {rep + 1}, attempt {attempt} ...",
+                      file=sys.stderr, flush=True)
+                r = _timed_run(busy, case, setting, args, input_file, tmp)
+                r.update(busy=busy, case=case, num_threads=setting, run=rep + 1, attempt=attempt,
+                         waited_for_quiet_s=round(waited))
+                print(f"  {json.dumps(r)}", file=sys.stderr, flush=True)
+                if args.quiet_below is None or r["external_busy"] <= args.quiet_below:
+                    break
+            if "seconds" in r:
+                if busy == 0:
+                    idle.setdefault((case, setting), r["seconds"])
+                if (case, setting) in idle:
+                    r["x_idle"] = r["seconds"] / idle[(case, setting)]
+            report["runs"].append(r)
     print(_table(report))
     print(json.dumps(report))
     return report
@@ -194,9 +229,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--train_steps", type=int, default=1, help="timed training steps after one warm-up step")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every case and setting per load")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed")
-    parser.add_argument("--busy_lifetime", type=float, default=4 * 3600.0,
-                        help="seconds after which a busy process ends by itself (it is killed earlier at the end)")
-    return run_benchmark(parser.parse_args(argv))
+    parser.add_argument("--quiet_below", type=float, default=None,
+                        help="before each run, wait until processes not started here keep fewer cores busy; "
+                        "rerun a run during which they kept as many busy on average (default: no wait)")
+    parser.add_argument("--quiet_wait", type=float, default=3600.0, help="seconds to wait for quiet at most")
+    parser.add_argument("--attempts", type=int, default=3, help="runs at most per measurement with --quiet_below")
+    report = run_benchmark(parser.parse_args(argv))
+    if any("error" in r for r in report["runs"]):
+        raise SystemExit("some runs failed (see the table)")
+    return report
 
 
 if __name__ == "__main__":
