@@ -10,7 +10,13 @@ disp(p))``, the LUMIR convention). A field computed on the network's grid (see
 On request (same stem after the prefix): ``warped_...`` the moving image (linear, float32),
 ``warped_label_...`` its label map (nearest, dtype kept), ``itk_warp_...`` the ITK
 displacement-field transform (LPS mm, vector NIfTI) for ``antsApplyTransforms`` / ITK.
-Every file is written atomically.
+
+Preprocessed pairs (:mod:`scripts.preprocessing.transform`): the field is composed with the two
+scans' affine alignments to MNI into one disp on the native fixed grid, and the alignments are
+written as ``affine_fixed_{fixed_id}.mat`` and ``affine_moving_{moving_id}.mat`` (ITK affine
+transforms, MNI -> scan: ``antsApplyTransforms -r MNI_IMAGE -i SCAN -t affine_....mat`` puts the
+scan in MNI space). Every file is written atomically; when the run ends the output folder's
+contents are logged.
 """
 
 from __future__ import annotations
@@ -24,14 +30,30 @@ import numpy as np
 from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
-from .file_io import atomic_save_image, atomic_save_itk_displacement, atomic_save_nifti, ensure_writable_dir, read_image, subject_id
+from .file_io import (
+    atomic_save_image,
+    atomic_save_itk_affine,
+    atomic_save_itk_displacement,
+    atomic_save_nifti,
+    ensure_writable_dir,
+    is_nibabel_file,
+    pair_stem,
+    read_image,
+    subject_id,
+)
 from .geometry import field_to_fixed_grid, itk_displacement, same_grid, warp_to_fixed
 from .evaluation.qc import save_qc_png
+from .preprocessing.transform import native_disp, preprocessed
 
 
 def disp_name(fixed_path: str, moving_path: str) -> str:
     """``disp_{fixed_id}_{moving_id}.nii.gz`` (LUMIR 4-digit ids, else file stems)."""
-    return f"disp_{subject_id(fixed_path)}_{subject_id(moving_path)}.nii.gz"
+    return f"disp_{pair_stem(fixed_path, moving_path)}.nii.gz"
+
+
+def affine_names(fixed_path: str, moving_path: str) -> tuple[str, str]:
+    """``(affine_fixed_{fixed_id}.mat, affine_moving_{moving_id}.mat)``: a preprocessed pair's alignments."""
+    return f"affine_fixed_{subject_id(fixed_path)}.mat", f"affine_moving_{subject_id(moving_path)}.mat"
 
 
 class DispWriter:
@@ -71,6 +93,7 @@ class DispWriter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._list_output)
 
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
@@ -88,6 +111,8 @@ class DispWriter:
             atomic_save_nifti(np.moveaxis(disp, 0, -1), fixed_affine, path, dtype=np.float32)  # (H, W, D, 3)
             self.written.append(path)
             self._write_extras(path, disp, fixed_affine, item, moving_path)
+            if preprocessed(item):
+                self._write_affines(item, fixed_path, moving_path)
             if self.save_qc:
                 image = convert_to_numpy(item["image"])
                 qc_path = path.with_name(path.name.replace("disp_", "qc_", 1).replace(".nii.gz", ".png"))
@@ -99,10 +124,12 @@ class DispWriter:
     def _on_fixed_grid(ddf: np.ndarray, item, fixed_path: str) -> tuple[np.ndarray, np.ndarray]:
         """``((3, *fixed_shape) disp, fixed affine)``: the network's field, brought back from the
         network grid when the fixed image was resampled onto one (``grid_affine`` in ``item``)."""
-        if fixed_path.endswith((".nii", ".nii.gz")):
+        if is_nibabel_file(fixed_path):
             fixed_affine = nib.load(fixed_path).affine
         else:
-            fixed_affine = convert_to_numpy(item["fixed_affine"]).astype(np.float64)
+            fixed_affine = convert_to_numpy(item.get("fixed_native_affine", item["fixed_affine"])).astype(np.float64)
+        if preprocessed(item):
+            return native_disp(ddf, item, fixed_affine), fixed_affine
         if "grid_affine" not in item:
             return ddf, fixed_affine
         grid_affine = convert_to_numpy(item["grid_affine"]).astype(np.float64)
@@ -124,6 +151,15 @@ class DispWriter:
             array, affine = read_image(source, "label map" if nearest else "moving image")
             warped = warp_to_fixed(array, affine, disp, fixed_affine, nearest=nearest)
             self.written.append(atomic_save_image(warped, fixed_affine, disp_path.with_name(prefix + stem)))
+
+    def _write_affines(self, item, fixed_path: str, moving_path: str) -> None:
+        for name, key in zip(affine_names(fixed_path, moving_path), ("mni_to_fixed", "mni_to_moving")):
+            matrix = convert_to_numpy(item[key]).astype(np.float64)
+            self.written.append(atomic_save_itk_affine(matrix, self.output_dir / name))
+
+    def _list_output(self, engine: Engine) -> None:
+        names = sorted(p.name for p in self.output_dir.iterdir() if not p.name.startswith("."))
+        self.logger.info(f"output folder {self.output_dir} holds {len(names)} files: {', '.join(names)}")
 
     def _log_progress(self, engine: Engine, path: Path) -> None:
         done, total = engine.state.iteration, engine.state.epoch_length or len(self.written)

@@ -6,6 +6,11 @@ with ``fixed`` and ``moving`` under ``test`` (the EOIR authors' JSON) or, failin
 under ``validation`` (the challenge's JSON). Every pair item is
 ``{"moving": path, "fixed": path, "moving_path": path, "fixed_path": path}``; the ``*_path``
 copies survive loading so that writers can name outputs after the subjects.
+
+Outputs are named after the files (:func:`scripts.file_io.pair_stem`), so an inference list
+whose pairs would write the same file name (``sub-01/anat/T1w.nii.gz`` and
+``sub-02/anat/T1w.nii.gz`` both have the id ``T1w``) is refused before anything runs
+(:func:`check_output_names`): the contract's names are kept and nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 
 from ..errors import InputError
+from ..file_io import is_nibabel_file, pair_stem, subject_id
 from ..geometry import check_affine
 
 
@@ -45,7 +51,7 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {role} image not found")
-    if not p.name.endswith((".nii", ".nii.gz")):
+    if not is_nibabel_file(p.name):
         return ()  # other formats (.mha, .nrrd, ...) are read and checked when loaded
     try:
         img = nib.load(str(p))
@@ -56,7 +62,8 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{p}: {role} image must be a 3D volume, got shape {shape}")
-    check_affine(img.affine, str(p), img.header)  # MONAI's reader would silently replace a singular one
+    header = img.header if isinstance(img, nib.Nifti1Image) else None
+    check_affine(img.affine, str(p), header)  # MONAI's reader would silently replace a singular one
     return shape
 
 
@@ -84,16 +91,49 @@ def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.Pa
     )
 
 
+def check_output_names(pairs: list[dict], per_image: bool = True) -> list[dict]:
+    """Raise :class:`InputError`, naming both pairs, if two pairs would write the same output file:
+    the same ``disp_{fixed_id}_{moving_id}`` stem, or (``per_image``: the preprocessed scans'
+    ``affine_fixed_{id}.mat`` / ``affine_moving_{id}.mat``) two different files with one id in
+    the same role. Return ``pairs``."""
+    def clash(what: str, a: dict, b: dict) -> InputError:
+        return InputError(
+            f"output names collide: pair (fixed {a['fixed']}, moving {a['moving']}) and pair (fixed {b['fixed']}, "
+            f"moving {b['moving']}) would both write {what}; outputs are named after the file names (LUMIR ids, else "
+            "stems): rename the files or register these pairs in separate runs"
+        )
+
+    stems: dict[str, dict] = {}
+    ids: dict[tuple[str, str], tuple[str, dict]] = {}
+    for pair in pairs:
+        stem = pair_stem(pair["fixed"], pair["moving"])
+        if stem in stems:
+            raise clash(f"disp_{stem}.nii.gz", stems[stem], pair)
+        stems[stem] = pair
+        if not per_image:
+            continue
+        for role in ("fixed", "moving"):
+            key, path = (role, subject_id(pair[role])), os.path.realpath(pair[role])
+            seen = ids.setdefault(key, (path, pair))
+            if seen[0] != path:
+                raise clash(f"affine_{role}_{key[1]}.mat", seen[1], pair)
+    return pairs
+
+
 def inference_pairs(
     data_list_file_path: str = "",
     dataset_dir: str = ".",
     moving_image: str = "",
     fixed_image: str = "",
     moving_label: str = "",
+    preprocess: str = "auto",
 ) -> list[dict]:
     """The pairs an inference run registers: one pair by path if given (with the moving image's
     label map ``moving_label`` if given), else the dataset JSON's pairs. The two images of a pair
-    may lie on different grids (they are resampled onto the network's grid when loaded)."""
+    may lie on different grids (they are resampled onto the network's grid when loaded). Pairs
+    whose outputs would share a file name are refused (:func:`check_output_names`; the affine
+    files count unless ``preprocess`` is ``"off"``)."""
+    per_image = str(preprocess).strip().lower() not in ("off", "false")
     if moving_image or fixed_image:
         if not (moving_image and fixed_image):
             raise InputError("give both moving_image and fixed_image (or neither, to use data_list_file_path)")
@@ -107,7 +147,7 @@ def inference_pairs(
         raise InputError("moving_label goes with one pair given by moving_image and fixed_image")
     if not data_list_file_path:
         raise InputError("nothing to register: set moving_image and fixed_image, or data_list_file_path")
-    return lumir_pairs(data_list_file_path, dataset_dir, same_grid=False)
+    return check_output_names(lumir_pairs(data_list_file_path, dataset_dir, same_grid=False), per_image)
 
 
 def _existing(path: str, what: str, source) -> str:
