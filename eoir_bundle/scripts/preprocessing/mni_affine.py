@@ -205,7 +205,8 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
     grid, the scan divided by it; ``None`` without ``n4``), ``own`` (its brain estimate),
     ``search`` (the region searched for it), ``reference`` (the template as an ANTs image) and
     ``quality`` (``brain_dice_stage1``, ``brain_dice``: Dice of the template's brain mask with the
-    subject's brain estimate after stage 1 and after both).
+    subject's brain estimate after stage 1 and after both; ``template_correlation``: correlation of
+    the aligned head with the template inside the template's brain mask).
     """
     ants = ants_module()
     affine = np.asarray(template["affine"], dtype=np.float64)
@@ -248,6 +249,8 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
     head = ants.apply_transforms(fixed, work, transforms, interpolator="linear")  # one resampling
     own = own_brain(head, search, spacing)
     quality["brain_dice"] = dice(own, template["mask"])
+    inside = np.asarray(template["mask"], dtype=bool)
+    quality["template_correlation"] = float(np.corrcoef(head.numpy()[inside], np.asarray(template["t1"])[inside])[0, 1])
     say("stage 2 affine (brain -> MNI152) and brain estimate done")
     return {"transforms": transforms, "head": head, "bias": bias, "own": own, "search": search, "reference": fixed,
             "quality": quality}

@@ -3,18 +3,19 @@
 :func:`preprocess_scan` (each step antspyx, ITK threads from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``):
 
 1. intensities to ~0..1 (minimum -> 0, 99.5th percentile -> 1; any dtype and scale);
-2. two-stage affine registration to the MNI152 template on a 2 mm grid over LUMIR's field of
-   view, with N4 bias correction and a brain estimate at each stage
-   (:func:`scripts.preprocessing.mni_affine.align_to_mni`); it fails, with an
-   :class:`~scripts.errors.InputError` naming the scan, if the brain found overlaps the
-   template's brain mask by Dice < ``MIN_BRAIN_DICE``;
+2. a brain estimate and N4 bias field in the scan's own space, and a two-stage brain-to-brain
+   affine registration to the MNI152 template on a 2 mm grid over LUMIR's field of view
+   (:func:`scripts.preprocessing.mni_affine.align_to_mni`); ANTs failing raises an
+   :class:`~scripts.errors.InputError` naming the scan;
 3. brain extraction: the template's brain mask where the subject's own brain estimate agrees
-   (:func:`scripts.preprocessing.mni_affine.brain_mask`);
+   (:func:`scripts.preprocessing.mni_affine.brain_mask`); it fails if the brain holds no
+   brain-like content (mostly dark, or no tissue contrast), then if the aligned scan correlates
+   with the template by less than ``MIN_TEMPLATE_CORRELATION`` inside its brain mask or the brain
+   found overlaps the template's brain mask by Dice < ``MIN_BRAIN_DICE`` (the alignment failed);
 4. the scan resampled once (linear) onto the output grid (1 mm, RAS, ``grid_shape`` voxels
-   centred like LUMIR's grid: LUMIR's grid itself at 160 x 224 x 192), N4 inside the brain
-   mask, and intensities to 1..255 in the brain, 0 outside
-   (:func:`scripts.preprocessing.intensity.brain_to_lumir`); it fails if the brain holds no
-   brain-like content (mostly dark, or no tissue contrast).
+   centred like LUMIR's grid: LUMIR's grid itself at 160 x 224 x 192), divided by the bias
+   field, and intensities to 1..255 in the brain, 0 outside
+   (:func:`scripts.preprocessing.intensity.brain_to_lumir`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from .assess import WORK_SHAPE
 from .intensity import brain_to_lumir
 from .mni_affine import align_to_mni, ants_module, brain_mask, mni_to_scan, to_ants
 
-__all__ = ["CACHE_SIZE", "MIN_BRAIN_DICE", "MIN_CONTRAST", "MAX_DARK_FRACTION", "cached_preprocess_scan", "preprocess_scan"]
+__all__ = ["CACHE_SIZE", "MIN_BRAIN_DICE", "MIN_TEMPLATE_CORRELATION", "MIN_CONTRAST", "MAX_DARK_FRACTION", "cached_preprocess_scan", "preprocess_scan"]
 
 CACHE_SIZE = 4  # results kept per process (a scan met again is not preprocessed again)
 
 MIN_BRAIN_DICE = 0.7  # below: the affine registration failed
+MIN_TEMPLATE_CORRELATION = 0.3  # correlation with the template in its brain mask; below: failed (a T1w brain: ~0.6)
 MAX_DARK_FRACTION = 0.5  # of the brain mask below 10 % of its 99.9th percentile: no brain there
-MIN_CONTRAST = 0.2  # (p95 - p5) / p50 in the brain: below, no tissue contrast
+MIN_CONTRAST = 0.1  # (p75 - p25) / p50 in the brain: below, no tissue contrast (a T1w brain: ~0.3)
 
 logger = logging.getLogger("eoir.preprocessing")
 _CACHE: OrderedDict[str, dict] = OrderedDict()
@@ -52,6 +54,21 @@ def _initial_scale(array: np.ndarray) -> np.ndarray:
     if hi <= lo:
         hi = float(x.max())
     return np.clip((x - lo) / max(float(hi - lo), 1e-12), 0.0, None).astype(np.float32)
+
+
+def _check_content(head: np.ndarray, mask: np.ndarray, name: str, quality: dict) -> None:
+    """:class:`InputError` unless the brain mask holds brain-like content: at most
+    ``MAX_DARK_FRACTION`` of it dark and tissue contrast ``(p75 - p25) / p50`` of at least
+    ``MIN_CONTRAST`` (checked before the alignment's quality: without a brain there is nothing
+    to align)."""
+    inside = brain_to_lumir(head, mask)[mask]
+    dark = float(np.mean(inside < 0.1 * 255)) if inside.size else 1.0
+    p25, p50, p75 = np.percentile(inside, [25, 50, 75]) if inside.size else (0.0, 0.0, 0.0)
+    contrast = float((p75 - p25) / max(p50, 1e-6))
+    quality.update(dark_fraction=dark, contrast=contrast)
+    if dark > MAX_DARK_FRACTION or contrast < MIN_CONTRAST:
+        why = f"{100 * dark:.0f}% of it is dark" if dark > MAX_DARK_FRACTION else f"no tissue contrast ((p75 - p25) / p50 = {contrast:.2f})"
+        raise InputError(f"{name}: no brain-like content after preprocessing: inside the brain mask {why}; is it a T1w brain MRI?")
 
 
 def preprocess_scan(array: np.ndarray, affine: np.ndarray, name: str, grid_shape: Sequence[int], n4: bool = True) -> dict:
@@ -80,13 +97,15 @@ def preprocess_scan(array: np.ndarray, affine: np.ndarray, name: str, grid_shape
         except (RuntimeError, ValueError) as e:  # ANTs raises these for images it cannot register
             raise InputError(f"{name}: the affine registration to MNI152 failed ({e.__class__.__name__}: {e})") from None
         quality = dict(aligned["quality"])
-        if quality["brain_dice"] < MIN_BRAIN_DICE:
+        mask_w = brain_mask(aligned["own"], tmpl["mask"], spacing)
+        _check_content(aligned["head"].numpy(), mask_w, name, quality)
+        if quality["brain_dice"] < MIN_BRAIN_DICE or quality["template_correlation"] < MIN_TEMPLATE_CORRELATION:
             raise InputError(
                 f"{name}: affine alignment to MNI152 failed: the brain found in the scan overlaps the template's brain "
-                f"by Dice {quality['brain_dice']:.2f} < {MIN_BRAIN_DICE} (is it a T1w head or brain scan with the whole "
-                "brain in the field of view, and a correct orientation in its header?)"
+                f"by Dice {quality['brain_dice']:.2f} (at least {MIN_BRAIN_DICE} needed) and correlates with the template "
+                f"by {quality['template_correlation']:.2f} (at least {MIN_TEMPLATE_CORRELATION}); is it a T1w head or "
+                "brain scan with the whole brain in the field of view?"
             )
-        mask_w = brain_mask(aligned["own"], tmpl["mask"], spacing)
         out_affine = centred_grid(grid_shape)
         ref = to_ants(np.zeros(tuple(grid_shape), np.float32), out_affine)
         head = ants.apply_transforms(ref, subject, aligned["transforms"], interpolator="linear").numpy()
@@ -101,14 +120,7 @@ def preprocess_scan(array: np.ndarray, affine: np.ndarray, name: str, grid_shape
     say("brain extraction and resampling onto the output grid done")
     image = brain_to_lumir(head, mask)
     say("bias correction and intensities done")
-    inside = image[mask]
-    dark = float(np.mean(inside < 0.1 * 255))
-    p5, p50, p95 = np.percentile(inside, [5, 50, 95])
-    contrast = float((p95 - p5) / max(p50, 1e-6))
-    quality.update(dark_fraction=dark, contrast=contrast, brain_ml=float(mask.sum()) * abs(np.linalg.det(out_affine[:3, :3])) / 1000)
-    if dark > MAX_DARK_FRACTION or contrast < MIN_CONTRAST:
-        why = f"{100 * dark:.0f}% of it is dark" if dark > MAX_DARK_FRACTION else f"no tissue contrast ((p95 - p5) / p50 = {contrast:.2f})"
-        raise InputError(f"{name}: no brain-like content after preprocessing: inside the brain mask {why}; is it a T1w brain MRI?")
+    quality["brain_ml"] = float(mask.sum()) * abs(np.linalg.det(out_affine[:3, :3])) / 1000
     return {"image": image, "affine": out_affine, "mni_to_scan": matrix, "mask": mask, "quality": quality,
             "seconds": time.perf_counter() - t0}
 
