@@ -20,7 +20,6 @@ from raw_pair import SCAN, SmoothWarp, grid_points, moving_grid, random_affine, 
 from scripts.evaluation.metrics import dice_per_label
 from scripts.file_io import read_itk_affine
 from scripts.preprocessing.assess import assess
-from scripts.preprocessing.intensity import rescale_to_lumir
 from scripts.preprocessing.pipeline import cached_preprocess_scan
 from scripts.synthetic.lumir import region_labels
 
