@@ -17,7 +17,7 @@ import torch
 from helpers import BUNDLE, input_error_of, run_workflow, smooth_volume, tiny_checkpoint, write_nifti
 from raw_pair import SCAN, SmoothWarp, grid_points, moving_grid, random_affine, sample, write
 
-from scripts.evaluation.metrics import dice_per_label
+from scripts.evaluation.metrics import dice_per_label, inverse_consistency
 from scripts.file_io import read_itk_affine
 from scripts.preprocessing.assess import assess
 from scripts.preprocessing.pipeline import cached_preprocess_scan
@@ -93,7 +93,8 @@ def registered(pair):
     pre-aligned pair (preprocess off; its MNI-grid result brought back through the fixed scan's
     affine, nearest); the raw run's output folder."""
     f, root = pair["files"], pair["root"]
-    raw = _register(root / "raw_out", f["moving"], f["fixed"], f["moving_labels"], save_itk_transform=True)
+    raw = _register(root / "raw_out", f["moving"], f["fixed"], f["moving_labels"], save_itk_transform=True,
+                    save_inverse=True, save_jacobian=True)
     pre = _register(root / "pre_out", f["pre_moving"], f["pre_fixed"], f["pre_moving_labels"], preprocess="off")
     img = nib.load(str(SCAN))
     to_mni, grid_affine = np.linalg.inv(pair["to_scan"]), nib.load(str(f["pre_fixed"])).affine
@@ -123,7 +124,28 @@ def test_outputs_live_on_the_native_fixed_grid_and_the_affines_are_ants_files(pa
     assert label.shape == fixed.shape and label.get_data_dtype() == nib.load(str(pair["files"]["moving_labels"])).get_data_dtype()
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"affine_fixed_{FIXED_ID}.mat", "affine_moving_moving.mat", f"disp_{stem}.nii.gz",
-                            f"itk_warp_{stem}.nii.gz", f"warped_label_{stem}.nii.gz"])
+                            f"itk_warp_{stem}.nii.gz", f"warped_label_{stem}.nii.gz", f"inverse_disp_{stem}.nii.gz",
+                            f"itk_inverse_warp_{stem}.nii.gz", f"jacdet_{stem}.nii.gz"])
+    # the inverse lies on the native moving grid and undoes the native map (both affines composed in)
+    moving = nib.load(str(pair["files"]["moving"]))
+    inverse = nib.load(str(out / f"inverse_disp_{stem}.nii.gz"))
+    assert inverse.shape == (*moving.shape, 3) and np.allclose(inverse.affine, moving.affine)
+    error = inverse_consistency(np.moveaxis(np.asarray(disp.dataobj), -1, 0), np.moveaxis(np.asarray(inverse.dataobj), -1, 0),
+                                fixed.affine, moving.affine)
+    brain = pair["labels"] > 0
+    print(f"inverse consistency in the brain, fixed voxels: median {np.median(error[brain]):.3f}, "
+          f"p95 {np.percentile(error[brain], 95):.3f}")
+    assert np.median(error[brain]) < 0.1 and np.percentile(error[brain], 95) < 0.5
+    jac = nib.load(str(out / f"jacdet_{stem}.nii.gz"))
+    assert jac.shape == fixed.shape and np.allclose(jac.affine, fixed.affine)
+    # the map's mean volume change over the fixed brain is the moving brain's volume over the fixed one's
+    # (both label maps carried by the known maps; mm^3), within the 3 % that the Jacobian check promises
+    moving_labels = nib.load(str(pair["files"]["moving_labels"]))
+    truth = (np.count_nonzero(np.asarray(moving_labels.dataobj)) * abs(np.linalg.det(moving_labels.affine[:3, :3]))
+             / (np.count_nonzero(brain) * abs(np.linalg.det(fixed.affine[:3, :3]))))
+    ratio = float(np.mean(np.asarray(jac.dataobj)[brain]))
+    print(f"mean Jacobian over the fixed brain {ratio:.4f}; moving / fixed brain volume {truth:.4f}")
+    assert abs(ratio - truth) < 0.03 * truth, (ratio, truth)
     # the fixed scan's affine is the one its preprocessing found, and ANTs reads it as the same map
     matrix = read_itk_affine(out / f"affine_fixed_{FIXED_ID}.mat")
     np.testing.assert_allclose(matrix, pair["to_scan"], atol=1e-6)

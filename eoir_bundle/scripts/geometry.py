@@ -177,7 +177,8 @@ def field_to_fixed_grid(ddf: np.ndarray, grid_affine, fixed_affine, fixed_shape)
 
     The displacement is turned into world millimetres, resampled component-wise at the fixed
     voxels (``SpatialResample``, linear, nearest value beyond the network grid's edge) and
-    expressed in fixed voxel units. Returns ``(3, *fixed_shape)`` float32.
+    expressed in fixed voxel units. Returns ``(3, *fixed_shape)`` float32. Any target grid works
+    the same way: the inverse field goes onto the moving image's grid with the moving affine.
     """
     grid_affine, fixed_affine = np.asarray(grid_affine, np.float64), np.asarray(fixed_affine, np.float64)
     world = np.einsum("ij,j...->i...", grid_affine[:3, :3], np.asarray(ddf, np.float64))

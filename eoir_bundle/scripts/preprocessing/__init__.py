@@ -7,6 +7,6 @@
 - ``mni_affine``: the native brain estimate and the two-stage brain-to-brain affine registration
   to MNI152 (antspyx), shared with :mod:`scripts.synthetic.subject_pairs`;
 - ``pipeline``: one scan end to end, with the checks that stop a bad scan;
-- ``transform``: ``Preprocessd`` (the pipeline step) and ``native_disp`` (the hook that composes
+- ``transform``: ``Preprocessd`` (the pipeline step) and ``native_field`` (the hook that composes
   the network's field with both affines onto the native fixed grid for the disp writer).
 """

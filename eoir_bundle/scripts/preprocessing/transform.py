@@ -14,7 +14,7 @@ image of the pair, ``preprocess``:
 When either image of a pair is preprocessed, the item also gets ``mni_to_fixed`` and
 ``mni_to_moving`` (4 x 4 RAS-mm maps from MNI to each scan's own world; identity for an image
 used as it is) and ``{fixed,moving}_native_affine`` / ``_native_shape`` (the files' grids), from
-which :func:`native_disp` composes the network's field into one disp on the native fixed grid.
+which :func:`native_field` composes the network's field into one disp on the native fixed grid.
 Otherwise the two images must overlap in space (``min_overlap``, as
 :func:`scripts.geometry.check_overlap`).
 
@@ -40,7 +40,7 @@ from .assess import assess, describe
 from .intensity import rescale_to_lumir
 from .pipeline import cached_preprocess_scan
 
-__all__ = ["MODES", "Preprocessd", "native_disp", "preprocessed"]
+__all__ = ["MODES", "Preprocessd", "native_field", "preprocessed"]
 
 MODES = ("auto", "on", "off")
 logger = logging.getLogger("eoir.inference")
@@ -131,11 +131,15 @@ def preprocessed(item: Mapping) -> bool:
     return "mni_to_fixed" in item and "mni_to_moving" in item
 
 
-def native_disp(ddf: np.ndarray, item: Mapping, fixed_affine: np.ndarray | None = None) -> np.ndarray:
-    """The network's ``(3, *G)`` field of a preprocessed item as one disp ``(3, *fixed_shape)`` on
-    the native fixed grid: native fixed points to native moving points, the two affines composed
-    in (:func:`scripts.geometry.field_to_native_grid`)."""
+def native_field(field: np.ndarray, item: Mapping, role: str = "fixed", affine: np.ndarray | None = None) -> np.ndarray:
+    """A ``(3, *G)`` field of the network grid of a preprocessed item as one field ``(3, *shape)``
+    on the native grid of the ``role`` image, the two affines composed in
+    (:func:`scripts.geometry.field_to_native_grid`). ``role="fixed"``: the forward disp, native
+    fixed points to native moving points; ``role="moving"``: the inverse field (on the network
+    grid it maps moving points to fixed ones), native moving points to native fixed points.
+    ``affine``: the role image's native affine (default: the item's)."""
+    other = "moving" if role == "fixed" else "fixed"
     get = lambda k: np.asarray(convert_to_numpy(item[k]), dtype=np.float64)  # noqa: E731
-    affine = get("fixed_native_affine") if fixed_affine is None else np.asarray(fixed_affine, np.float64)
-    shape = tuple(int(s) for s in get("fixed_native_shape"))
-    return field_to_native_grid(ddf, get("grid_affine"), affine, shape, get("mni_to_fixed"), get("mni_to_moving"))
+    affine = get(f"{role}_native_affine") if affine is None else np.asarray(affine, np.float64)
+    shape = tuple(int(s) for s in get(f"{role}_native_shape"))
+    return field_to_native_grid(field, get("grid_affine"), affine, shape, get(f"mni_to_{role}"), get(f"mni_to_{other}"))
