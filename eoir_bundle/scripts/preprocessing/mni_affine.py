@@ -62,7 +62,7 @@ BRAIN_EROSION_MM = 3.0  # erosion that cuts the brain from scalp and marrow (the
 MASK_MARGIN_MM = 2.0  # the applied brain mask: template brain within this of the subject's estimate
 CORE_EROSION_MM = 6.0  # template brain eroded by this is always kept (ventricles, deep CSF)
 MAX_LEVEL_MM = 10.0  # coarsest registration level, mm per voxel
-RANDOM_SEED = 1  # ANTs' sampling seed: the same input gives the same registration
+RANDOM_SEED = 1  # ANTs' sampling seed (ANTS_RANDOM_SEED): the same input gives the same registration
 STAGE1 = ((100, 50, 10), (4, 2, 1), (2, 1, 0))  # iterations, shrink factors, smoothing sigmas
 STAGE2 = ((50, 10), (2, 1), (1, 0))  # starts near the solution
 METRIC_MARGIN_MM = 8.0  # the metric is evaluated in the template's brain mask dilated by this
@@ -71,8 +71,13 @@ _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 
 
 def ants_module():
-    """``import ants`` with ITK's thread count defaulting to 2."""
+    """``import ants`` with ITK's thread count defaulting to 2 and ANTs' random seed to
+    :data:`RANDOM_SEED` (``ANTS_RANDOM_SEED``; antspyx passes no ``--random-seed``, and without one
+    ANTs seeds its metric sampling from the clock: the affine of the same scan differed by up to
+    0.5 mm from one process to the next. With the seed it is the same to the bit on one thread and to
+    about 0.02 mm on two, where ITK's threads sum in varying order)."""
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+    os.environ.setdefault("ANTS_RANDOM_SEED", str(RANDOM_SEED))
     import ants
 
     return ants
@@ -231,7 +236,7 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
     metric_mask = fixed.new_image_like(dilate(template["mask"], METRIC_MARGIN_MM, spacing).astype(np.float32))
     reg1 = ants.registration(
         fixed, work * work.new_image_like(brain0.astype(np.float32)), type_of_transform="Affine", mask=metric_mask,
-        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage1_"), **pyramid(*STAGE1, spacing),
+        aff_metric="mattes", outprefix=str(workdir / "stage1_"), **pyramid(*STAGE1, spacing),
     )
     search = dilate(template["mask"], SEARCH_MARGIN_MM, spacing)
     head = ants.apply_transforms(fixed, work, reg1["fwdtransforms"], interpolator="linear")
@@ -243,7 +248,7 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
     crude = dilate(own, 1.0, spacing)
     reg2 = ants.registration(
         fixed, head * head.new_image_like(crude.astype(np.float32)), type_of_transform="Affine", mask=metric_mask,
-        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage2_"), **pyramid(*STAGE2, spacing),
+        aff_metric="mattes", outprefix=str(workdir / "stage2_"), **pyramid(*STAGE2, spacing),
     )
     transforms = list(reg2["fwdtransforms"]) + list(reg1["fwdtransforms"])  # applied last to first
     head = ants.apply_transforms(fixed, work, transforms, interpolator="linear")  # one resampling
