@@ -20,7 +20,9 @@ def ckpt(tmp_path_factory):
 
 
 def _infer(ckpt, out, **kw):
-    return run_workflow("inference.json", ckpt_path=str(ckpt), output_dir=str(out), **{"network_def#start_channel": 8}, **kw)
+    # blob images, not brains: the raw-scan preprocessing (tests/test_preprocessing.py) is off
+    return run_workflow("inference.json", ckpt_path=str(ckpt), output_dir=str(out), preprocess="off",
+                        **{"network_def#start_channel": 8}, **kw)
 
 
 @pytest.mark.parametrize("json_shape", ["authors", "challenge"])
@@ -77,7 +79,7 @@ def test_bad_images_get_one_clear_error(tmp_path, ckpt, case, expect):
     if case == "missing":
         m = tmp_path / "nowhere.nii.gz"
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"),
-                         moving_image=str(m), fixed_image=str(f), **{"network_def#start_channel": 8})
+                         moving_image=str(m), fixed_image=str(f), preprocess="off", **{"network_def#start_channel": 8})
     assert str(m) in msg and expect in msg
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -93,7 +95,7 @@ def test_dataset_json_without_pairs(tmp_path, ckpt):
 def test_checkpoint_of_another_start_channel(tmp_path, ckpt):
     data_json = lumir_folder(tmp_path / "data")
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"),
-                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json),
+                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json), preprocess="off",
                          **{"network_def#start_channel": 16})
     assert str(ckpt) in msg and "start_channel=8" in msg
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -104,7 +106,7 @@ def test_unwritable_output_folder(tmp_path, ckpt):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(blocker / "out"),
-                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json),
+                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json), preprocess="off",
                          **{"network_def#start_channel": 8})
     assert str(blocker / "out") in msg and "not writable" in msg
 

@@ -15,7 +15,7 @@ SCRIPTS = ROOT / "eoir_bundle" / "scripts"
 LAYERS = [
     ("foundation", {"errors", "file_io", "geometry", "threads"}),
     ("model", {"layers", "inverse", "network", "losses", "checkpoint"}),
-    ("components", {"lean", "data", "evaluation", "transforms"}),
+    ("components", {"lean", "data", "evaluation", "transforms", "mni", "preprocessing"}),
     ("runtime", {"instance_optimization", "disp_writer", "training", "warp", "convert_checkpoint"}),
     ("generators", {"synthetic"}),
     ("tools", {"tools"}),

@@ -12,7 +12,9 @@ Layers, lowest first; a module imports only its own layer and those below it (ch
   ``network`` (EOIR), ``losses``, ``checkpoint``;
 - components: ``lean/`` (the memory-lean CPU inference path), ``data/`` (data lists, the
   random-pair training set), ``evaluation/`` (metrics, the LUMIR evaluator, QC figures, the
-  metric handler), ``transforms`` (input checks);
+  metric handler), ``transforms`` (input checks), ``mni`` (the MNI152 template on LUMIR's
+  grid), ``preprocessing/`` (raw scans to LUMIR-like MNI images: N4, affine to MNI, brain
+  extraction, intensities; the ``preprocess`` step of inference);
 - runtime: ``instance_optimization``, ``disp_writer``, ``training`` (trainer glue), and the
   user tools ``warp`` and ``convert_checkpoint``;
 - generators: ``synthetic/`` (LUMIR-layout data from the MNI152 template or a real subject);

@@ -14,7 +14,14 @@ displacement-field transform (LPS mm, vector NIfTI) for ``antsApplyTransforms`` 
 moving voxel ``q`` maps to world ``A_moving @ (q + inverse(q))`` in the fixed image), with
 ``itk_inverse_warp_...`` its ITK form (resamples fixed-space images onto the moving grid);
 ``jacdet_...`` the Jacobian determinant of the map on the fixed grid (:func:`jacobian_map`).
-Every file is written atomically.
+
+Preprocessed pairs (:mod:`scripts.preprocessing.transform`): the field (and its inverse) is
+composed with the two scans' affine alignments to MNI into one disp on the native fixed grid
+(the inverse on the native moving grid), and the alignments are written as
+``affine_fixed_{fixed_id}.mat`` and ``affine_moving_{moving_id}.mat`` (ITK affine transforms,
+MNI -> scan: ``antsApplyTransforms -r MNI_IMAGE -i SCAN -t affine_....mat`` puts the scan in MNI
+space). Every file is written atomically; when the run ends the output folder's contents are
+logged.
 """
 
 from __future__ import annotations
@@ -29,14 +36,30 @@ from ignite.engine import Engine, Events
 from monai.utils import convert_to_numpy
 
 from .evaluation.metrics import jacobian_determinant
-from .file_io import atomic_save_image, atomic_save_itk_displacement, atomic_save_nifti, ensure_writable_dir, read_image, subject_id
+from .file_io import (
+    atomic_save_image,
+    atomic_save_itk_affine,
+    atomic_save_itk_displacement,
+    atomic_save_nifti,
+    ensure_writable_dir,
+    is_nibabel_file,
+    pair_stem,
+    read_image,
+    subject_id,
+)
 from .geometry import field_to_fixed_grid, itk_displacement, same_grid, warp_to_fixed
 from .evaluation.qc import save_qc_png
+from .preprocessing.transform import native_field, preprocessed
 
 
 def disp_name(fixed_path: str, moving_path: str) -> str:
     """``disp_{fixed_id}_{moving_id}.nii.gz`` (LUMIR 4-digit ids, else file stems)."""
-    return f"disp_{subject_id(fixed_path)}_{subject_id(moving_path)}.nii.gz"
+    return f"disp_{pair_stem(fixed_path, moving_path)}.nii.gz"
+
+
+def affine_names(fixed_path: str, moving_path: str) -> tuple[str, str]:
+    """``(affine_fixed_{fixed_id}.mat, affine_moving_{moving_id}.mat)``: a preprocessed pair's alignments."""
+    return f"affine_fixed_{subject_id(fixed_path)}.mat", f"affine_moving_{subject_id(moving_path)}.mat"
 
 
 def jacobian_map(disp: np.ndarray) -> np.ndarray:
@@ -104,6 +127,7 @@ class DispWriter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._list_output)
 
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
@@ -121,6 +145,8 @@ class DispWriter:
             atomic_save_nifti(np.moveaxis(disp, 0, -1), fixed_affine, path, dtype=np.float32)  # (H, W, D, 3)
             self.written.append(path)
             self._write_extras(path, disp, fixed_affine, item, moving_path)
+            if preprocessed(item):
+                self._write_affines(item, fixed_path, moving_path)
             if self.save_jacobian:
                 self.written.append(atomic_save_nifti(jacobian_map(disp), fixed_affine, _named(path, "jacdet_")))
             if self.save_inverse:
@@ -171,6 +197,15 @@ class DispWriter:
             warped = warp_to_fixed(array, affine, disp, fixed_affine, nearest=nearest)
             self.written.append(atomic_save_image(warped, fixed_affine, disp_path.with_name(prefix + stem)))
 
+    def _write_affines(self, item, fixed_path: str, moving_path: str) -> None:
+        for name, key in zip(affine_names(fixed_path, moving_path), ("mni_to_fixed", "mni_to_moving")):
+            matrix = convert_to_numpy(item[key]).astype(np.float64)
+            self.written.append(atomic_save_itk_affine(matrix, self.output_dir / name))
+
+    def _list_output(self, engine: Engine) -> None:
+        names = sorted(p.name for p in self.output_dir.iterdir() if not p.name.startswith("."))
+        self.logger.info(f"output folder {self.output_dir} holds {len(names)} files: {', '.join(names)}")
+
     def _log_progress(self, engine: Engine, path: Path) -> None:
         done, total = engine.state.iteration, engine.state.epoch_length or len(self.written)
         if done % self.log_every == 0 or done == total:
@@ -188,12 +223,16 @@ def on_native_grid(field: np.ndarray, item, role: str) -> tuple[np.ndarray, np.n
     """``((3, *shape) field, affine)`` on the native grid of the ``role`` (``"fixed"`` or ``"moving"``)
     image of ``item``: a field of the network grid (``grid_affine`` in ``item``) resampled onto
     it in that image's voxel units (:func:`scripts.geometry.field_to_fixed_grid`), or the field
-    itself when the grids are one. The affine is the file's (nibabel's, for NIfTI)."""
+    itself when the grids are one; for a preprocessed item, composed with the two scans' affine
+    alignments (:func:`scripts.preprocessing.transform.native_field`). The affine is the file's
+    (nibabel's, for NIfTI and MGH)."""
     path = str(item[f"{role}_path"])
-    if path.endswith((".nii", ".nii.gz")):
+    if is_nibabel_file(path):
         affine = nib.load(path).affine
     else:
-        affine = convert_to_numpy(item[f"{role}_affine"]).astype(np.float64)
+        affine = convert_to_numpy(item.get(f"{role}_native_affine", item[f"{role}_affine"])).astype(np.float64)
+    if preprocessed(item):
+        return native_field(field, item, role, affine), affine
     if "grid_affine" not in item:
         return field, affine
     grid_affine = convert_to_numpy(item["grid_affine"]).astype(np.float64)

@@ -7,6 +7,11 @@ under ``validation`` (the challenge's JSON). Every pair item is
 ``{"moving": path, "fixed": path, "moving_path": path, "fixed_path": path}``; the ``*_path``
 copies survive loading so that writers can name outputs after the subjects. Inference items
 also carry ``moving_label`` where the moving image has a label map (:func:`moving_label_of`).
+
+Outputs are named after the files (:func:`scripts.file_io.pair_stem`), so an inference list
+whose pairs would write the same file name (``sub-01/anat/T1w.nii.gz`` and
+``sub-02/anat/T1w.nii.gz`` both have the id ``T1w``) is refused before anything runs
+(:func:`check_output_names`): the contract's names are kept and nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 
 from ..errors import InputError
+from ..file_io import is_nibabel_file, pair_stem, subject_id
 from ..geometry import check_affine
 
 
@@ -47,7 +53,7 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {role} image not found")
-    if not p.name.endswith((".nii", ".nii.gz")):
+    if not is_nibabel_file(p.name):
         return ()  # other formats (.mha, .nrrd, ...) are read and checked when loaded
     try:
         img = nib.load(str(p))
@@ -58,7 +64,8 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{p}: {role} image must be a 3D volume, got shape {shape}")
-    check_affine(img.affine, str(p), img.header)  # MONAI's reader would silently replace a singular one
+    header = img.header if isinstance(img, nib.Nifti1Image) else None
+    check_affine(img.affine, str(p), header)  # MONAI's reader would silently replace a singular one
     return shape
 
 
@@ -81,6 +88,35 @@ def pair_entries(data: dict, data_list_file_path: str | os.PathLike) -> list[dic
     raise InputError(
         f"{data_list_file_path}: no registration pairs: expected entries with 'fixed' and 'moving' under 'test' or 'validation'"
     )
+
+
+def check_output_names(pairs: list[dict], per_image: bool = True) -> list[dict]:
+    """Raise :class:`InputError`, naming both pairs, if two pairs would write the same output file:
+    the same ``disp_{fixed_id}_{moving_id}`` stem, or (``per_image``: the preprocessed scans'
+    ``affine_fixed_{id}.mat`` / ``affine_moving_{id}.mat``) two different files with one id in
+    the same role. Return ``pairs``."""
+    def clash(what: str, a: dict, b: dict) -> InputError:
+        return InputError(
+            f"output names collide: pair (fixed {a['fixed']}, moving {a['moving']}) and pair (fixed {b['fixed']}, "
+            f"moving {b['moving']}) would both write {what}; outputs are named after the file names (LUMIR ids, else "
+            "stems): rename the files or register these pairs in separate runs"
+        )
+
+    stems: dict[str, dict] = {}
+    ids: dict[tuple[str, str], tuple[str, dict]] = {}
+    for pair in pairs:
+        stem = pair_stem(pair["fixed"], pair["moving"])
+        if stem in stems:
+            raise clash(f"disp_{stem}.nii.gz", stems[stem], pair)
+        stems[stem] = pair
+        if not per_image:
+            continue
+        for role in ("fixed", "moving"):
+            key, path = (role, subject_id(pair[role])), os.path.realpath(pair[role])
+            seen = ids.setdefault(key, (path, pair))
+            if seen[0] != path:
+                raise clash(f"affine_{role}_{key[1]}.mat", seen[1], pair)
+    return pairs
 
 
 def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike, same_grid: bool = True) -> list[dict]:
@@ -111,11 +147,15 @@ def inference_pairs(
     moving_image: str = "",
     fixed_image: str = "",
     moving_label: str = "",
+    preprocess: str = "auto",
 ) -> list[dict]:
     """The pairs an inference run registers: one pair by path if given (with the moving image's
     label map ``moving_label`` if given), else the dataset JSON's pairs, each with its moving
     image's label map where one is found (:func:`moving_label_of`). The two images of a pair
-    may lie on different grids (they are resampled onto the network's grid when loaded)."""
+    may lie on different grids (they are resampled onto the network's grid when loaded). Pairs
+    whose outputs would share a file name are refused (:func:`check_output_names`; the affine
+    files count unless ``preprocess`` is ``"off"``)."""
+    per_image = str(preprocess).strip().lower() not in ("off", "false")
     if moving_image or fixed_image:
         if not (moving_image and fixed_image):
             raise InputError("give both moving_image and fixed_image (or neither, to use data_list_file_path)")
@@ -146,7 +186,7 @@ def inference_pairs(
     if labelled:
         logging.getLogger("eoir.inference").info(
             f"{labelled} of {len(pairs)} pairs have a moving label map: it is warped for each (warped_label_*)")
-    return pairs
+    return check_output_names(pairs, per_image)
 
 
 def _existing(path: str, what: str, source) -> str:
