@@ -28,8 +28,8 @@ def test_cli_scores_network_io_variants_and_ants(data, tmp_path):
                          "network+io20 (io_network_level 0)", "io20 from zero (no network)", "ants_SyNOnly"}
     assert doc["io_settings"]["io_init"] == "warm_start" and doc["io_settings"]["io_network_level"] == 1
     for name, m in mean.items():
-        assert set(m) == {"dice", "hd95", "tre", "ndv", "seconds"}, name
-        assert 0.0 < m["dice"] <= 1.0 and m["ndv"] < 0.01, name
+        assert set(m) == {"dice", "hd95", "tre", "ndv", "folding", "seconds"}, name
+        assert 0.0 < m["dice"] <= 1.0 and m["ndv"] < 0.01 and m["folding"] < 0.01, name
     # registration is measured, not assumed: IO and ANTs move the labels closer than no displacement
     for name in ("network+io20", "io20 from zero (no network)", "ants_SyNOnly"):
         assert mean[name]["dice"] > mean["zero"]["dice"] + 0.02, (name, mean[name]["dice"], mean["zero"]["dice"])
