@@ -117,7 +117,7 @@ MIN_VELOCITY_SIDE = 4
 #: iterations of a level / iterations of the next finer level
 COARSE_TO_FINE_RATIO = 4
 #: how the network's field enters (see the module docstring)
-IO_INITS = ("warm_start", "compose")
+IO_INITS = ("warm_start", "compose", "select")
 #: the coarsest level an EOIR network can stop at (its pyramid has levels 0..4)
 MAX_NETWORK_LEVEL = 4
 
@@ -341,7 +341,36 @@ class InstanceOptimizationInferer(Inferer):
         }
 
     def optimize(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor) -> torch.Tensor:
-        """Refine ``u_net`` for the pair(s) ``moving``, ``fixed`` (``(B, 1, *S)``, float) -> ``(B, 3, *S)``."""
+        """Refine ``u_net`` for the pair(s) ``moving``, ``fixed`` (``(B, 1, *S)``, float) -> ``(B, 3, *S)``.
+
+        ``io_init="select"``: both ``compose`` and ``warm_start`` (from the whole network's
+        field), each pair keeping the result whose moving image, warped on the input grid, has
+        the higher local NCC (``io_ncc_window``) with the fixed image."""
+        if self.io_init != "select":
+            return self._optimize(moving, fixed, u_net, self.io_init)
+        start = time.perf_counter()
+        results, stats, scores = [], [], []
+        for mode in ("compose", "warm_start"):
+            ddf = self._optimize(moving, fixed, u_net, mode)
+            with torch.no_grad():
+                warped = self.warp(moving, ddf)
+                cc = torch.stack([1.0 - local_ncc_loss(warped[b:b + 1], fixed[b:b + 1], window=self.io_ncc_window)
+                                  for b in range(moving.shape[0])])
+                del warped
+            results.append(ddf)
+            stats.append(self.last_stats)
+            scores.append(cc)
+        keep_compose = scores[0] >= scores[1]  # ties: the network's detail
+        ddf = torch.where(keep_compose.view(-1, 1, 1, 1, 1), results[0], results[1])
+        self.last_stats = {**stats[0], "seconds": time.perf_counter() - start,
+                           "selected": ["compose" if k else "warm_start" for k in keep_compose.tolist()],
+                           "ncc_full": {"compose": scores[0].tolist(), "warm_start": scores[1].tolist()}}
+        logger.info(f"io_init select: {', '.join(self.last_stats['selected'])} (full-grid NCC compose "
+                    f"{', '.join(f'{v:.4f}' for v in scores[0].tolist())}, warm start "
+                    f"{', '.join(f'{v:.4f}' for v in scores[1].tolist())}), {self.last_stats['seconds']:.1f} s")
+        return ddf
+
+    def _optimize(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor, mode: str) -> torch.Tensor:
         start = time.perf_counter()
         shape = tuple(moving.shape[2:])
         if min(shape) < 4:  # no velocity grid of >= 2 voxels per side even at level 0
@@ -349,7 +378,7 @@ class InstanceOptimizationInferer(Inferer):
             return u_net
         stages = self.stages(shape)
         debug = logger.isEnabledFor(logging.DEBUG)
-        warm = self.io_init == "warm_start"
+        warm = mode == "warm_start"
         u_outer = torch.zeros_like(u_net) if warm else u_net  # the map composed after exp(v)
         with torch.no_grad():  # the loss pyramid of both images in one pass
             pyramid = image_pyramid(torch.cat([moving, fixed], dim=1), stages[0][0] + 1)

