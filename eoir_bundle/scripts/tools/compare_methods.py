@@ -311,6 +311,40 @@ def compare(dataset_dir: str, data_list_file_path: str = "", ckpt: str = "", io_
     return result
 
 
+def merge(results: list[dict], reference: str = "") -> dict:
+    """One result from several runs on the same data set (e.g. the network and ANTs run in
+    parallel, or pairs split with ``--skip_pairs``): rows joined by (moving, fixed), methods
+    and selected-mode rows as given, means over the pairs every method has, Wilcoxon tests."""
+    rows: dict[tuple, dict] = {}
+    for res in results:
+        for r in res["pairs"]:
+            rows.setdefault((r["moving"], r["fixed"]), {"moving": r["moving"], "fixed": r["fixed"]}).update(r)
+    pairs = list(rows.values())
+    methods = []
+    for r in pairs:
+        methods += [k for k, v in r.items() if isinstance(v, dict) and k not in methods]
+    complete = [r for r in pairs if all(m in r for m in methods)]
+    base = {k: v for k, v in results[0].items() if k not in ("pairs", "mean", "wilcoxon_vs_default", "command")}
+    out = {**base, "commands": [c for r in results for c in (r.get("commands") or [r.get("command", "")])], "pairs": pairs,
+           "complete_pairs": len(complete), "mean": {m: _mean(complete, m) for m in methods}}
+    reference = reference or (f"network+io{DEFAULT_IO_ITERATIONS}" if DEFAULT_IO_ITERATIONS else "network")
+    if reference in methods and len(complete) > 1:
+        out["wilcoxon_vs_default"] = {"default": reference, **paired_tests(complete, reference)}
+    return out
+
+
+def add_selected(result: dict, name: str, compose: str, warm: str, extra_seconds: str = "") -> None:
+    """A row ``name`` per pair: the ``compose`` or ``warm`` method's scores, whichever has the
+    higher full-grid NCC (what ``io_init="select"`` keeps); seconds = both IO runs' (the
+    network's counted once: ``warm``'s seconds minus ``extra_seconds``'s, the network alone)."""
+    for r in result["pairs"]:
+        if compose in r and warm in r:
+            pick = r[compose] if r[compose]["ncc"] >= r[warm]["ncc"] else r[warm]
+            net = r[extra_seconds]["seconds"] if extra_seconds in r else 0.0
+            r[name] = {**pick, "seconds": r[compose]["seconds"] + r[warm]["seconds"] - net,
+                       "selected": "compose" if pick is r[compose] else "warm_start"}
+
+
 def paired_tests(rows: list[dict], reference: str, metric: str = "dice") -> dict:
     """Two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) of ``metric`` over the pairs,
     each method against ``reference``: ``{method: {"mean_diff", "p", "n", "wins"}}`` (``mean_diff``
@@ -354,7 +388,9 @@ def pair_table(result: dict) -> str:
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--dataset_dir", default="")
+    parser.add_argument("--merge", nargs="+", default=[], help="merge these --output JSONs (same data set) instead of running")
+    parser.add_argument("--reference", default="", help="with --merge: the method the others are tested against")
     parser.add_argument("--data_list_file_path", default="")
     parser.add_argument("--ckpt", default="", help="bundle state dict (default models/model.pt)")
     parser.add_argument("--io_iterations", default="0,25,50,100", help="comma-separated IO budgets; 0 = network alone")
@@ -377,6 +413,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))  # before ants is imported
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.merge:
+        result = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        add_selected(result, "network+io50 (select)", "network+io50 (compose)", "network+io50 (io_network_level 0)",
+                     "network")
+        result = merge([result], args.reference)
+        print(table(result))
+        print()
+        print(pair_table(result))
+        if args.output:
+            atomic_write_text(json.dumps(result, indent=2), args.output)
+        return result
+    if not args.dataset_dir:
+        raise InputError("--dataset_dir is required (unless --merge)")
     try:
         budgets = sorted({int(b) for b in args.io_iterations.split(",") if b.strip()} | {0})
         extra = [int(b) for b in args.extra_io_iterations.split(",") if b.strip()]
