@@ -268,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         for text in args.scan:
             name, path = _named_scan(text)
             scans[name] = path
+            if name in SOURCES:  # a scan of a known source archive, fetched by hand
+                sources.setdefault(name, SOURCES[name][2:])
         path = make_inter_subject(args.out, scans, shape, template=not args.no_template, n4=not args.no_n4,
                                   sources=sources, cache=args.cache or None)
     print(path)
