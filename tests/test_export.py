@@ -83,7 +83,8 @@ def test_inference_from_the_exported_file_writes_the_eager_disp_file(tmp_path, e
     ckpt, ts = exported
     m = write_nifti(tmp_path / "in" / "sub-01_T1w.nii.gz", smooth_volume(ODD, 1))
     f = write_nifti(tmp_path / "in" / "sub-02_T1w.nii.gz", smooth_volume(ODD, 2))
-    pair = {"moving_image": str(m), "fixed_image": str(f), "io_iterations": 4}  # IO runs on the module's field
+    pair = {"moving_image": str(m), "fixed_image": str(f), "io_iterations": 4,  # IO runs on the module's field
+            "preprocess": "off"}  # blob images, not brains
     _run(["inference.json"], ckpt_path=str(ckpt), output_dir=str(tmp_path / "eager"),
          **{"network_def#start_channel": 8}, **pair)
     # the checkpoint loader is off with the overlay: a missing ckpt_path does not matter

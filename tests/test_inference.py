@@ -20,7 +20,9 @@ def ckpt(tmp_path_factory):
 
 
 def _infer(ckpt, out, **kw):
-    return run_workflow("inference.json", ckpt_path=str(ckpt), output_dir=str(out), **{"network_def#start_channel": 8}, **kw)
+    # blob images, not brains: the raw-scan preprocessing (tests/test_preprocessing.py) is off
+    return run_workflow("inference.json", ckpt_path=str(ckpt), output_dir=str(out), preprocess="off",
+                        **{"network_def#start_channel": 8}, **kw)
 
 
 @pytest.mark.parametrize("json_shape", ["authors", "challenge"])
@@ -77,7 +79,7 @@ def test_bad_images_get_one_clear_error(tmp_path, ckpt, case, expect):
     if case == "missing":
         m = tmp_path / "nowhere.nii.gz"
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"),
-                         moving_image=str(m), fixed_image=str(f), **{"network_def#start_channel": 8})
+                         moving_image=str(m), fixed_image=str(f), preprocess="off", **{"network_def#start_channel": 8})
     assert str(m) in msg and expect in msg
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -93,7 +95,7 @@ def test_dataset_json_without_pairs(tmp_path, ckpt):
 def test_checkpoint_of_another_start_channel(tmp_path, ckpt):
     data_json = lumir_folder(tmp_path / "data")
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"),
-                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json),
+                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json), preprocess="off",
                          **{"network_def#start_channel": 16})
     assert str(ckpt) in msg and "start_channel=8" in msg
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -104,7 +106,7 @@ def test_unwritable_output_folder(tmp_path, ckpt):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     msg = input_error_of("inference.json", ckpt_path=str(ckpt), output_dir=str(blocker / "out"),
-                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json),
+                         dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json), preprocess="off",
                          **{"network_def#start_channel": 8})
     assert str(blocker / "out") in msg and "not writable" in msg
 
@@ -134,3 +136,69 @@ def test_default_command_registers_the_sample_pair(tmp_path):
     fixed = nib.load(str(BUNDLE / "sample/imagesVal/LUMIRMRI_0004_0000.nii.gz"))
     np.testing.assert_allclose(img.affine, fixed.affine)
     assert np.isfinite(np.asarray(img.dataobj)).all()
+
+
+def _labelled_folder(root):
+    """:func:`lumir_folder` with a label map per image in ``labelsVal/`` (4 labels)."""
+    data_json = lumir_folder(root)
+    for img in sorted((root / "imagesVal").iterdir()):
+        labels = (np.asarray(nib.load(str(img)).dataobj) // 64).astype(np.uint8)
+        write_nifti(root / "labelsVal" / img.name, labels)
+    return data_json
+
+
+def test_dataset_mode_writes_labels_inverse_and_jacobian_for_every_pair(tmp_path, ckpt):
+    """Every pair's moving label map is found (``labels*/`` beside ``images*/``) and warped; with
+    save_inverse / save_jacobian every pair gets its inverse (consistent with the field) and
+    Jacobian map; the disp files are the same bit for bit as a plain run's."""
+    from scripts.evaluation.metrics import inverse_consistency
+    from scripts.geometry import warp_to_fixed
+
+    data_json = _labelled_folder(tmp_path / "data")
+    kw = dict(dataset_dir=str(tmp_path / "data"), data_list_file_path=str(data_json), io_iterations=0)
+    _infer(ckpt, tmp_path / "plain", **kw)
+    _infer(ckpt, tmp_path / "out", save_inverse=True, save_jacobian=True, **kw)
+    for fixed, moving in ((3455, 3454), (3456, 3455)):
+        stem = f"{fixed}_{moving}.nii.gz"
+        names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(stem))
+        assert names == [f"{k}_{stem}" for k in ("disp", "inverse_disp", "jacdet", "warped_label")], names
+        plain = tmp_path / "plain" / f"disp_{stem}"
+        assert (tmp_path / "out" / f"disp_{stem}").read_bytes() == plain.read_bytes()
+        assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.name.endswith(stem)) == [
+            f"disp_{stem}", f"warped_label_{stem}"]
+        disp = np.moveaxis(np.asarray(nib.load(str(plain)).dataobj), -1, 0)
+        label = np.asarray(nib.load(str(tmp_path / f"data/labelsVal/LUMIRMRI_{moving}_0000.nii.gz")).dataobj)
+        warped = np.asarray(nib.load(str(tmp_path / "out" / f"warped_label_{stem}")).dataobj)
+        assert np.array_equal(warped, warp_to_fixed(label, AFFINE, disp, AFFINE, nearest=True))
+        inverse = nib.load(str(tmp_path / "out" / f"inverse_disp_{stem}"))
+        assert inverse.shape == (32, 48, 32, 3) and inverse.get_data_dtype() == np.float32
+        err = inverse_consistency(disp, np.moveaxis(np.asarray(inverse.dataobj), -1, 0))[4:-4, 4:-4, 4:-4]
+        # the tiny random network's field is rough: its interpolation floor is near 0.05 voxel
+        assert np.median(err) < 0.1 and np.percentile(err, 95) < 0.3, (np.median(err), np.percentile(err, 95))
+        jac = nib.load(str(tmp_path / "out" / f"jacdet_{stem}"))
+        assert jac.shape == (32, 48, 32) and jac.get_data_dtype() == np.float32
+        np.testing.assert_allclose(jac.affine, AFFINE)
+
+
+def test_moving_label_maps_are_found_like_the_evaluator_finds_them(tmp_path):
+    """A pair's own ``moving_label``, else the data set's ``{"image", "seg"}`` entry, else ``labels*/``."""
+    from scripts.data.lists import inference_pairs
+
+    root = tmp_path / "data"
+    for sid in (1, 2, 3, 4):
+        write_nifti(root / "imagesVal" / f"LUMIRMRI_{sid:04d}_0000.nii.gz", smooth_volume((8, 8, 8), sid))
+    for where in ("labelsVal/LUMIRMRI_0001_0000.nii.gz", "segs/two.nii.gz", "mine/three.nii.gz"):
+        write_nifti(root / where, np.zeros((8, 8, 8), np.uint8))
+    pair = lambda m, f, **kw: {"moving": f"/imagesVal/LUMIRMRI_{m:04d}_0000.nii.gz",  # noqa: E731
+                               "fixed": f"/imagesVal/LUMIRMRI_{f:04d}_0000.nii.gz", **kw}
+    data = {"validation": [{"image": "./imagesVal/LUMIRMRI_0002_0000.nii.gz", "seg": "./segs/two.nii.gz"}],
+            "test": [pair(1, 4), pair(2, 4), pair(3, 4, moving_label="/mine/three.nii.gz"), pair(4, 1)]}
+    (root / "d.json").write_text(json.dumps(data))
+    items = inference_pairs(str(root / "d.json"), str(root))
+    assert [i.get("moving_label") for i in items] == [
+        str(root / "labelsVal/LUMIRMRI_0001_0000.nii.gz"), str(root / "segs/two.nii.gz"), str(root / "mine/three.nii.gz"),
+        None]
+    data["test"][2]["moving_label"] = "/mine/missing.nii.gz"
+    (root / "d.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match="missing.nii.gz"):
+        inference_pairs(str(root / "d.json"), str(root))

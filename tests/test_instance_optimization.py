@@ -185,7 +185,7 @@ def test_bad_knobs(kwargs, expect):
 def _infer(ckpt, tmp_path, **kw):
     data_json = lumir_folder(tmp_path / "data")
     return dict(ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"), dataset_dir=str(tmp_path / "data"),
-                data_list_file_path=str(data_json), **{"network_def#start_channel": 8}, **kw)
+                data_list_file_path=str(data_json), preprocess="off", **{"network_def#start_channel": 8}, **kw)
 
 
 def test_config_ids_from_the_command_line(tmp_path, ckpt):

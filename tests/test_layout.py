@@ -13,9 +13,9 @@ SCRIPTS = ROOT / "eoir_bundle" / "scripts"
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    ("foundation", {"errors", "file_io", "geometry"}),
-    ("model", {"layers", "network", "losses", "checkpoint"}),
-    ("components", {"lean", "data", "evaluation", "transforms"}),
+    ("foundation", {"errors", "file_io", "geometry", "threads"}),
+    ("model", {"layers", "inverse", "network", "losses", "checkpoint"}),
+    ("components", {"lean", "data", "evaluation", "transforms", "mni", "preprocessing"}),
     ("runtime", {"instance_optimization", "disp_writer", "training", "warp", "convert_checkpoint"}),
     ("generators", {"synthetic"}),
     ("tools", {"tools"}),

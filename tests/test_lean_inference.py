@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scripts.lean import fixed as lean_fixed_module
 from scripts.lean import forward as lean_forward_module
 from scripts.lean.covers import EMPTY, FULL, Covers, keep_mask, rect_slices
 from scripts.lean.encoder import Encoder, encode, encoder_peak
@@ -93,7 +94,8 @@ def test_default_store_limit_is_a_byte_budget(monkeypatch):
     assert default_store_limit(16) == 3.5 and default_store_limit(8) == 7.0
     splits = []
     real = lean_forward_module.encode
-    monkeypatch.setattr(lean_forward_module, "encode", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
+    for module in (lean_fixed_module, lean_forward_module):  # the fixed image's encoder, the moving one's
+        monkeypatch.setattr(module, "encode", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
     net, x = _net(8), _brain()
     with torch.no_grad():
         ref = net(x)
@@ -252,6 +254,30 @@ def test_wrapper_shares_weights_and_batches():
     assert (ddf - ref).abs().max().item() < 1e-4
     assert not ddf.is_inference()  # usable with autograd afterwards (instance optimisation)
     assert lean.train()(x[:1]).requires_grad  # training: the ordinary forward
+
+
+def test_fixed_features_are_reused_for_pairs_sharing_the_fixed_image(monkeypatch):
+    """Many to one: the fixed image is encoded once, and every field (and inverse) is bit for bit
+    what a run without reuse gives; another fixed image (or new weights) replaces the entry."""
+    fixed_encodes = []
+    real = lean_fixed_module.encode
+    monkeypatch.setattr(lean_fixed_module, "encode", lambda *a, **k: fixed_encodes.append(1) or real(*a, **k))
+    net = _net(4, seed=2)
+    fixed = _brain((16, 48, 32), seed=7, centre=(8.0, 24.0, 16.0))[:, 1:]
+    pairs = [torch.cat([_brain((16, 48, 32), seed=s, centre=(8.0, 24.0, 16.0))[:, :1], fixed], 1) for s in (3, 4, 5)]
+    reuse, plain = LeanEOIR(net).eval(), LeanEOIR(net, reuse_fixed=False).eval()
+    with torch.no_grad():
+        for k, x in enumerate(pairs):
+            fixed_encodes.clear()
+            ddf = reuse(x)
+            assert len(fixed_encodes) == (k == 0) and torch.equal(ddf, plain(x))
+        assert reuse.fixed_cache.hits == 2 and reuse.fixed_cache.misses == 1
+        a, b = reuse.forward_with_inverse(pairs[0]), plain.forward_with_inverse(pairs[0])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and reuse.fixed_cache.hits == 3
+        other = torch.cat([pairs[0][:, :1], pairs[1][:, :1]], 1)
+        assert torch.equal(reuse(other), plain(other)) and reuse.fixed_cache.misses == 2
+        net.load_state_dict(_net(4, seed=9).state_dict())
+        assert torch.equal(reuse(other), plain(other)) and reuse.fixed_cache.misses == 3
 
 
 def _cli_report(bundle_root, module, *args):

@@ -2,6 +2,8 @@
 
 Conventions: arrays are in the file's array-axis order (no reorientation); a LUMIR file
 ``LUMIRMRI_3455_0000.nii.gz`` has subject id ``3455``; any other file's id is its stem.
+NIfTI and FreeSurfer MGH (``.mgz``, ``.mgh``) files are read and written by nibabel, other
+formats (``.mha``, ``.nrrd``, ...) by ITK.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from .errors import InputError
 
 ITK_VECTOR_INTENT = 1007  # NIfTI intent of a vector field, as ITK writes displacement fields
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")  # read and written by nibabel
 _LUMIR_ID = re.compile(r"LUMIRMRI_(\d{4})_\d{4}")
 
 
@@ -27,10 +30,41 @@ def subject_id(path: str | os.PathLike) -> str:
     m = _LUMIR_ID.search(name)
     if m:
         return m.group(1)
-    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gz"):
+    for ext in (".nii.gz", ".nii", ".mgz", ".mgh", ".mha", ".mhd", ".nrrd", ".nhdr", ".gz"):
         if name.endswith(ext):
             return name[: -len(ext)]
     return Path(name).stem
+
+
+def pair_stem(fixed_path: str | os.PathLike, moving_path: str | os.PathLike) -> str:
+    """``{fixed_id}_{moving_id}``: what every output file of a pair is named after
+    (``disp_{stem}.nii.gz``, ``warped_{stem}.nii.gz``, ...)."""
+    return f"{subject_id(fixed_path)}_{subject_id(moving_path)}"
+
+
+def is_nibabel_file(path: str | os.PathLike) -> bool:
+    """True for the formats nibabel reads and writes here (NIfTI, FreeSurfer MGH)."""
+    return str(path).lower().endswith(NIBABEL_SUFFIXES)
+
+
+def nibabel_reader():
+    """MONAI's ``NibabelReader``, also for ``.mgz`` / ``.mgh`` and in native byte order (MGH
+    files are big-endian, which torch cannot hold): give it to ``LoadImage(d)`` as ``reader``;
+    other formats still go to MONAI's default readers (ITK)."""
+    from monai.data import NibabelReader
+    from monai.data.utils import is_supported_format
+
+    class NibabelMGHReader(NibabelReader):
+        def verify_suffix(self, filename) -> bool:
+            return is_supported_format(filename, [s.lstrip(".") for s in NIBABEL_SUFFIXES])
+
+        def get_data(self, img):
+            data, meta = super().get_data(img)
+            if data.dtype.byteorder not in ("=", "|"):
+                data = data.astype(data.dtype.newbyteorder("="))
+            return data, meta
+
+    return NibabelMGHReader()
 
 
 def check_volume(array: np.ndarray, path: str | os.PathLike, what: str = "image") -> np.ndarray:
@@ -93,7 +127,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
     if not p.is_file():
         raise InputError(f"{p}: {what} file not found")
     try:
-        image = LoadImage(image_only=True, dtype=None)(str(p))
+        image = LoadImage(image_only=True, dtype=None, reader=nibabel_reader())(str(p))
     except Exception as e:  # readers raise many types for unreadable files
         raise InputError(f"{p}: cannot read {what} ({e.__class__.__name__}: {e})") from None
     array = check_volume(np.asarray(image.array), p, what)
@@ -101,8 +135,17 @@ def read_image(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray
 
 
 def atomic_save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a 3D image atomically: NIfTI by nibabel (``.nii``, ``.nii.gz``), anything else by ITK
-    (``.mha``, ``.nrrd``, ...), with the RAS ``affine`` (ITK gets it as LPS)."""
+    """Write a 3D image atomically: NIfTI (``.nii``, ``.nii.gz``) and FreeSurfer MGH (``.mgz``,
+    ``.mgh``) by nibabel, anything else by ITK (``.mha``, ``.nrrd``, ...), with the RAS
+    ``affine`` (ITK gets it as LPS)."""
+    if str(path).lower().endswith((".mgz", ".mgh")):
+        arr = np.asarray(array)
+        if arr.dtype in (np.int8, np.uint16, np.uint32, np.int64, np.uint64, np.bool_):  # MGH: uint8, int16, int32, float32
+            arr = arr.astype(np.int32 if arr.dtype != np.bool_ else np.uint8)
+        elif arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        img = nib.MGHImage(arr, np.asarray(affine, dtype=np.float64))
+        return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes[-1:]))
     if str(path).endswith((".nii", ".nii.gz")):
         return atomic_save_nifti(array, affine, path)
     import itk
@@ -216,6 +259,39 @@ def atomic_save_itk_displacement(vectors: np.ndarray, affine: np.ndarray, path: 
     image = _itk_image(np.asarray(vectors, dtype=np.float32), affine)
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     return atomic_write(path, lambda tmp: itk.imwrite(image, tmp), suffix=suffix)
+
+
+def atomic_save_itk_affine(matrix: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a 3D affine transform atomically as an ITK transform file (``.mat``: ITK's MATLAB
+    format, as ``antsRegistration`` writes; ``.txt`` / ``.tfm``: ITK text) that
+    ``antsApplyTransforms`` and ITK read.
+
+    ``matrix`` is 4 x 4 and maps points in RAS mm (x -> matrix @ x); ITK files hold the same map
+    in LPS mm (``AffineTransform_double_3_3``, centre 0).
+    """
+    import itk
+
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ np.asarray(matrix, dtype=np.float64) @ flip
+    transform = itk.AffineTransform[itk.D, 3].New()
+    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
+    transform.SetTranslation([float(v) for v in lps[:3, 3]])
+    return atomic_write(path, lambda tmp: itk.transformwrite([transform], tmp), suffix=Path(path).suffix)
+
+
+def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
+    """The 4 x 4 RAS-mm map of an ITK affine transform file (inverse of :func:`atomic_save_itk_affine`;
+    any centre)."""
+    import itk
+
+    transform = itk.transformread(str(path))[0]
+    params = np.asarray(transform.GetParameters(), dtype=np.float64)
+    centre = np.asarray(transform.GetFixedParameters(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = params[:9].reshape(3, 3)
+    lps[:3, 3] = params[9:12] + centre - lps[:3, :3] @ centre
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:

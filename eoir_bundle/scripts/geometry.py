@@ -45,6 +45,7 @@ __all__ = [
     "check_affine",
     "check_overlap",
     "field_to_fixed_grid",
+    "field_to_native_grid",
     "is_shared_1mm_grid",
     "itk_displacement",
     "disp_from_itk_displacement",
@@ -176,7 +177,8 @@ def field_to_fixed_grid(ddf: np.ndarray, grid_affine, fixed_affine, fixed_shape)
 
     The displacement is turned into world millimetres, resampled component-wise at the fixed
     voxels (``SpatialResample``, linear, nearest value beyond the network grid's edge) and
-    expressed in fixed voxel units. Returns ``(3, *fixed_shape)`` float32.
+    expressed in fixed voxel units. Returns ``(3, *fixed_shape)`` float32. Any target grid works
+    the same way: the inverse field goes onto the moving image's grid with the moving affine.
     """
     grid_affine, fixed_affine = np.asarray(grid_affine, np.float64), np.asarray(fixed_affine, np.float64)
     world = np.einsum("ij,j...->i...", grid_affine[:3, :3], np.asarray(ddf, np.float64))
@@ -185,6 +187,46 @@ def field_to_fixed_grid(ddf: np.ndarray, grid_affine, fixed_affine, fixed_shape)
     )
     disp = np.einsum("ij,j...->i...", np.linalg.inv(fixed_affine[:3, :3]), np.asarray(on_fixed.array))
     return disp.astype(np.float32)
+
+
+def field_to_native_grid(
+    ddf: np.ndarray, grid_affine, fixed_affine, fixed_shape, mni_to_fixed=None, mni_to_moving=None, chunk: int = 16
+) -> np.ndarray:
+    """Compose a ``(3, *G)`` voxel field of the network grid with the two scans' affine
+    alignments into one disp on the native fixed grid (module conventions).
+
+    The network registered images resampled into a reference (MNI) space; ``mni_to_fixed`` and
+    ``mni_to_moving`` are the 4 x 4 RAS-mm maps from that space to each scan's own world (its
+    affine alignment; identity when ``None``). Fixed voxel ``p`` goes to MNI ``z =
+    inv(mni_to_fixed) @ A_fixed @ p``, through the network's field there (trilinear, nearest
+    value beyond the network grid's edge) to ``z'`` and on to the moving scan's world
+    ``mni_to_moving @ z'``; the disp is that point in fixed voxel units, less ``p``. Returns
+    ``(3, *fixed_shape)`` float32; computed ``chunk`` slices of the first axis at a time.
+    """
+    grid_affine = np.asarray(grid_affine, np.float64)
+    fixed_affine = np.asarray(fixed_affine, np.float64)
+    to_mni = np.linalg.inv(np.eye(4) if mni_to_fixed is None else np.asarray(mni_to_fixed, np.float64))
+    to_moving = np.eye(4) if mni_to_moving is None else np.asarray(mni_to_moving, np.float64)
+    fixed_to_grid = np.linalg.inv(grid_affine) @ to_mni @ fixed_affine  # fixed voxel -> grid voxel
+    grid_to_fixed = np.linalg.inv(fixed_affine) @ to_moving @ grid_affine  # grid voxel -> fixed voxel
+    field = torch.as_tensor(np.asarray(ddf, np.float32))[None]  # (1, 3, *G)
+    size = torch.tensor([s - 1 for s in field.shape[2:]], dtype=torch.float64)
+    shape = tuple(int(s) for s in fixed_shape)
+    out = np.empty((3, *shape), np.float32)
+    jk = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")).reshape(2, -1).astype(np.float64)
+    for start in range(0, shape[0], max(1, int(chunk))):
+        i = np.arange(start, min(start + chunk, shape[0]), dtype=np.float64)
+        p = np.concatenate([np.repeat(i, jk.shape[1])[None], np.tile(jk, len(i))])  # (3, n) fixed voxels
+        g = fixed_to_grid[:3, :3] @ p + fixed_to_grid[:3, 3:]
+        norm = torch.as_tensor(g.T) * 2.0 / size.clamp(min=1) - 1.0  # align_corners=True: voxel centres
+        with torch.no_grad():
+            d = torch.nn.functional.grid_sample(
+                field, norm.flip(-1).to(torch.float32).reshape(1, 1, 1, -1, 3), mode="bilinear",
+                padding_mode="border", align_corners=True,
+            )[0, :, 0, 0].numpy().astype(np.float64)
+        q = grid_to_fixed[:3, :3] @ (g + d) + grid_to_fixed[:3, 3:]
+        out[:, start:start + len(i)] = (q - p).reshape(3, len(i), shape[1], shape[2])
+    return out
 
 
 def moving_coordinates(disp: np.ndarray, fixed_affine, moving_affine) -> np.ndarray:

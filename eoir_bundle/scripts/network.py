@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from .inverse import invert_levels
 from .layers import INTEGRATION_STEPS, ScriptableDVF2DDF, ScriptableWarp, crop_padding, pad_to_multiple, padding_to_multiple
 
 __all__ = ["EOIR", "FlowEstimator", "MultiScaleOutputs", "NUM_LEVELS", "INTEGRATION_STEPS"]
@@ -216,6 +217,25 @@ class EOIR(nn.Module):
         for _ in range(finest_level):
             ddf = self.upsample_field(ddf)
         return crop_padding(ddf, pads, shape)
+
+    def forward_with_inverse(self, x: torch.Tensor, finest_level: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ddf, inverse)``: :meth:`forward`'s field (the same values) and the displacement of its
+        inverse map on the same grid, composed in reverse order from the levels' velocities
+        (:func:`scripts.inverse.invert_levels`: ``exp(-v_l)`` by this network's own integration,
+        warp and upsampling). ``inverse(p + ddf(p)) = -ddf(p)`` up to interpolation."""
+        if x.dim() != 5 or x.shape[1] != 2:
+            raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
+        if finest_level < 0 or finest_level >= self.num_levels:
+            raise ValueError(f"finest_level must be in 0..{self.num_levels - 1}, got {finest_level}")
+        shape = [x.shape[2], x.shape[3], x.shape[4]]
+        pads = padding_to_multiple(shape, self.divisor)
+        x = pad_to_multiple(x, pads)
+        out = self.pyramid(x[:, :1], x[:, 1:], False, finest_level)
+        ddf = out["displacements"][0]
+        inverse = invert_levels(out["velocities"], self.integrate, self.warp, self.upsample_field)
+        for _ in range(finest_level):
+            ddf, inverse = self.upsample_field(ddf), self.upsample_field(inverse)
+        return crop_padding(ddf, pads, shape), crop_padding(inverse, pads, shape)
 
 class MultiScaleOutputs(nn.Module):
     """Training view of an :class:`EOIR`: in training mode ``forward`` returns every level,

@@ -18,7 +18,8 @@ class ValidateImagesd(MapTransform):
     Each image: 3D, finite, and an affine that places it in space. A pair: with
     ``same_grid`` (training, evaluation), one shape; otherwise (inference on users' scans) its
     world extents must overlap by ``min_overlap`` of the smaller one, or the two are not in
-    one space. ``label_keys`` maps a key holding a label map's *path* to the key of its image:
+    one space (``min_overlap = 0``: not checked here, e.g. when preprocessing aligns the two
+    first). Each image must hold more than one value (not blank, not constant). ``label_keys`` maps a key holding a label map's *path* to the key of its image:
     the label map must be integer and on that image's grid (it is read here only to check it).
 
     Place it right after ``LoadImaged(..., ensure_channel_first=False)``. The error names the
@@ -58,12 +59,16 @@ class ValidateImagesd(MapTransform):
             bad = int((~torch.isfinite(torch.as_tensor(img))).sum()) if torch.is_floating_point(torch.as_tensor(img)) else 0
             if bad:
                 raise InputError(f"{name}: {key} image contains {bad} NaN/Inf voxels")
+            values = torch.as_tensor(img)
+            if values.numel() and bool((values == values.reshape(-1)[0]).all()):
+                what = "blank (all zero)" if float(values.reshape(-1)[0]) == 0 else f"constant (every voxel {float(values.reshape(-1)[0]):g})"
+                raise InputError(f"{name}: {key} image is {what}: nothing to register")
             affine = check_affine(affine_of(img), name, getattr(img, "meta", None)) if hasattr(img, "affine") else None
             seen[key] = (name, shape, affine)
         if self.same_grid and len({s for _, s, _ in seen.values()}) > 1:
             desc = ", ".join(f"{n} {s}" for n, s, _ in seen.values())
             raise InputError(f"images of different shapes: {desc}; they must share one grid")
-        if not self.same_grid and len(seen) == 2:
+        if not self.same_grid and len(seen) == 2 and self.min_overlap > 0:
             (na, sa, aa), (nb, sb, ab) = seen.values()
             if aa is not None and ab is not None:
                 check_overlap(aa, sa, na, ab, sb, nb, self.min_overlap)

@@ -5,18 +5,26 @@ A LUMIR dataset JSON lists paths relative to the dataset folder, with a leading 
 with ``fixed`` and ``moving`` under ``test`` (the EOIR authors' JSON) or, failing that,
 under ``validation`` (the challenge's JSON). Every pair item is
 ``{"moving": path, "fixed": path, "moving_path": path, "fixed_path": path}``; the ``*_path``
-copies survive loading so that writers can name outputs after the subjects.
+copies survive loading so that writers can name outputs after the subjects. Inference items
+also carry ``moving_label`` where the moving image has a label map (:func:`moving_label_of`).
+
+Outputs are named after the files (:func:`scripts.file_io.pair_stem`), so an inference list
+whose pairs would write the same file name (``sub-01/anat/T1w.nii.gz`` and
+``sub-02/anat/T1w.nii.gz`` both have the id ``T1w``) is refused before anything runs
+(:func:`check_output_names`): the contract's names are kept and nothing is overwritten.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import nibabel as nib
 
 from ..errors import InputError
+from ..file_io import is_nibabel_file, pair_stem, subject_id
 from ..geometry import check_affine
 
 
@@ -45,7 +53,7 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {role} image not found")
-    if not p.name.endswith((".nii", ".nii.gz")):
+    if not is_nibabel_file(p.name):
         return ()  # other formats (.mha, .nrrd, ...) are read and checked when loaded
     try:
         img = nib.load(str(p))
@@ -56,7 +64,8 @@ def _header_shape(path: str, role: str) -> tuple[int, ...]:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{p}: {role} image must be a 3D volume, got shape {shape}")
-    check_affine(img.affine, str(p), img.header)  # MONAI's reader would silently replace a singular one
+    header = img.header if isinstance(img, nib.Nifti1Image) else None
+    check_affine(img.affine, str(p), header)  # MONAI's reader would silently replace a singular one
     return shape
 
 
@@ -69,19 +78,67 @@ def check_pair(moving: str, fixed: str, same_grid: bool = True) -> dict:
     return {"moving": str(moving), "fixed": str(fixed), "moving_path": str(moving), "fixed_path": str(fixed)}
 
 
-def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike, same_grid: bool = True) -> list[dict]:
-    """Registration pairs of a LUMIR dataset JSON (``test`` first, else ``validation``), checked
-    (:func:`check_pair`)."""
-    data = read_dataset_json(data_list_file_path)
+def pair_entries(data: dict, data_list_file_path: str | os.PathLike) -> list[dict]:
+    """The ``{"fixed", "moving", ...}`` entries of a parsed dataset JSON: ``test`` first, else
+    ``validation``; :class:`InputError` if there are none."""
     for section in ("test", "validation"):
         entries = [e for e in data.get(section) or [] if isinstance(e, dict) and "fixed" in e and "moving" in e]
         if entries:
-            return [
-                check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"]), same_grid) for e in entries
-            ]
+            return entries
     raise InputError(
         f"{data_list_file_path}: no registration pairs: expected entries with 'fixed' and 'moving' under 'test' or 'validation'"
     )
+
+
+def check_output_names(pairs: list[dict], per_image: bool = True) -> list[dict]:
+    """Raise :class:`InputError`, naming both pairs, if two pairs would write the same output file:
+    the same ``disp_{fixed_id}_{moving_id}`` stem, or (``per_image``: the preprocessed scans'
+    ``affine_fixed_{id}.mat`` / ``affine_moving_{id}.mat``) two different files with one id in
+    the same role. Return ``pairs``."""
+    def clash(what: str, a: dict, b: dict) -> InputError:
+        return InputError(
+            f"output names collide: pair (fixed {a['fixed']}, moving {a['moving']}) and pair (fixed {b['fixed']}, "
+            f"moving {b['moving']}) would both write {what}; outputs are named after the file names (LUMIR ids, else "
+            "stems): rename the files or register these pairs in separate runs"
+        )
+
+    stems: dict[str, dict] = {}
+    ids: dict[tuple[str, str], tuple[str, dict]] = {}
+    for pair in pairs:
+        stem = pair_stem(pair["fixed"], pair["moving"])
+        if stem in stems:
+            raise clash(f"disp_{stem}.nii.gz", stems[stem], pair)
+        stems[stem] = pair
+        if not per_image:
+            continue
+        for role in ("fixed", "moving"):
+            key, path = (role, subject_id(pair[role])), os.path.realpath(pair[role])
+            seen = ids.setdefault(key, (path, pair))
+            if seen[0] != path:
+                raise clash(f"affine_{role}_{key[1]}.mat", seen[1], pair)
+    return pairs
+
+
+def lumir_pairs(data_list_file_path: str | os.PathLike, dataset_dir: str | os.PathLike, same_grid: bool = True) -> list[dict]:
+    """Registration pairs of a LUMIR dataset JSON (``test`` first, else ``validation``), checked
+    (:func:`check_pair`)."""
+    entries = pair_entries(read_dataset_json(data_list_file_path), data_list_file_path)
+    return [check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"]), same_grid) for e in entries]
+
+
+def moving_label_of(entry: dict, moving: str, segs: dict[str, str], dataset_dir: str | os.PathLike,
+                    source) -> str | None:
+    """The label map of a pair's moving image, or None: the pair's own ``moving_label`` (a
+    dataset-JSON path, which must exist), else the ``seg`` of the data set's ``{"image", "seg"}``
+    entry for that image (``segs``: image path -> label path), else the file of the same name
+    in ``labels*/`` beside its ``images*/`` folder (:func:`ground_truth_path`, the evaluator's
+    rule)."""
+    if entry.get("moving_label"):
+        return _existing(resolve(dataset_dir, entry["moving_label"]), "moving label map", source)
+    if moving in segs:
+        return _existing(segs[moving], "label map", source)
+    beside = ground_truth_path(moving, "labels")
+    return beside if beside != moving and Path(beside).is_file() else None
 
 
 def inference_pairs(
@@ -90,10 +147,15 @@ def inference_pairs(
     moving_image: str = "",
     fixed_image: str = "",
     moving_label: str = "",
+    preprocess: str = "auto",
 ) -> list[dict]:
     """The pairs an inference run registers: one pair by path if given (with the moving image's
-    label map ``moving_label`` if given), else the dataset JSON's pairs. The two images of a pair
-    may lie on different grids (they are resampled onto the network's grid when loaded)."""
+    label map ``moving_label`` if given), else the dataset JSON's pairs, each with its moving
+    image's label map where one is found (:func:`moving_label_of`). The two images of a pair
+    may lie on different grids (they are resampled onto the network's grid when loaded). Pairs
+    whose outputs would share a file name are refused (:func:`check_output_names`; the affine
+    files count unless ``preprocess`` is ``"off"``)."""
+    per_image = str(preprocess).strip().lower() not in ("off", "false")
     if moving_image or fixed_image:
         if not (moving_image and fixed_image):
             raise InputError("give both moving_image and fixed_image (or neither, to use data_list_file_path)")
@@ -107,7 +169,24 @@ def inference_pairs(
         raise InputError("moving_label goes with one pair given by moving_image and fixed_image")
     if not data_list_file_path:
         raise InputError("nothing to register: set moving_image and fixed_image, or data_list_file_path")
-    return lumir_pairs(data_list_file_path, dataset_dir, same_grid=False)
+    data = read_dataset_json(data_list_file_path)
+    segs = {
+        resolve(dataset_dir, e["image"]): resolve(dataset_dir, e["seg"])
+        for section in ("training", "validation", "test") for e in data.get(section) or []
+        if isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("seg"), str)
+    }
+    pairs = []
+    for e in pair_entries(data, data_list_file_path):
+        pair = check_pair(resolve(dataset_dir, e["moving"]), resolve(dataset_dir, e["fixed"]), same_grid=False)
+        label = moving_label_of(e, pair["moving"], segs, dataset_dir, data_list_file_path)
+        if label:
+            pair["moving_label"] = label
+        pairs.append(pair)
+    labelled = sum("moving_label" in p for p in pairs)
+    if labelled:
+        logging.getLogger("eoir.inference").info(
+            f"{labelled} of {len(pairs)} pairs have a moving label map: it is warped for each (warped_label_*)")
+    return check_output_names(pairs, per_image)
 
 
 def _existing(path: str, what: str, source) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "ndv",
     "jacobian_determinant",
     "jacobian_stats",
+    "inverse_consistency",
     "evaluate_pair",
 ]
 
@@ -342,6 +343,29 @@ def jacobian_stats(disp: np.ndarray) -> tuple[float, float]:
     folding = float(100.0 * (J.size - pos.sum()) / J.size)
     sdlogj = float(np.log(J[pos]).std()) if pos.any() else float("nan")
     return sdlogj, folding
+
+
+def inverse_consistency(disp: np.ndarray, inverse: np.ndarray, fixed_affine=None, moving_affine=None) -> np.ndarray:
+    """``|inverse(p + disp(p)) + disp(p)|`` per fixed voxel ``p``, in fixed voxels: how far the
+    inverse field takes each mapped point from where it started.
+
+    ``disp (3, *fixed_shape)`` in fixed voxels; ``inverse (3, *moving_shape)`` in moving voxels
+    (the bundle's ``inverse_disp_*``). With affines (RAS, 4 x 4), the grids may differ: ``p`` maps
+    to moving voxel ``q = inv(A_m) A_f (p + disp(p))``, ``inverse`` is read there (trilinear,
+    nearest edge value outside) and the result ``inv(A_f) A_m (q + inverse(q)) - p`` is returned
+    as a length. Without affines both fields lie on one grid.
+    """
+    from ..geometry import moving_coordinates
+
+    disp = np.asarray(disp, np.float64)
+    eye = np.eye(4)
+    fixed_affine = eye if fixed_affine is None else np.asarray(fixed_affine, np.float64)
+    moving_affine = eye if moving_affine is None else np.asarray(moving_affine, np.float64)
+    q = moving_coordinates(disp, fixed_affine, moving_affine)
+    inv_q = np.stack([ndimage.map_coordinates(np.asarray(c, np.float64), q, order=1, mode="nearest") for c in inverse])
+    back = np.linalg.inv(fixed_affine) @ moving_affine
+    p = np.einsum("ij,j...->i...", back[:3, :3], q + inv_q) + back[:3, 3].reshape(3, 1, 1, 1)
+    return np.linalg.norm(p - np.indices(disp.shape[1:], dtype=np.float64), axis=0)
 
 
 def _nanmean(values) -> float:

@@ -17,6 +17,7 @@ Modules, from the building blocks up (each imports only the ones before it):
 * :mod:`.moments`: InstanceNorm from per-chunk moments, norm + PReLU;
 * :mod:`.maps`: stored feature maps, dense or ragged;
 * :mod:`.encoder`: the encoder without its ``2N``-channel map (:func:`encode`);
+* :mod:`.fixed`: the fixed image's features, and their reuse across pairs sharing it;
 * :mod:`.resampling`: warping, integration and trilinear resizing by rows;
 * :mod:`.estimator`: a level's flow estimator streamed by rows;
 * :mod:`.forward`: the whole network, :func:`lean_forward`, :class:`LeanEOIR`.
@@ -25,6 +26,7 @@ What was measured and tried: ``NOTES.md`` next to these modules.
 """
 
 from .encoder import encode
+from .fixed import FixedFeatureCache
 from .forward import LeanEOIR, default_store_limit, lean_forward
 
-__all__ = ["lean_forward", "LeanEOIR", "encode", "default_store_limit"]
+__all__ = ["lean_forward", "LeanEOIR", "encode", "default_store_limit", "FixedFeatureCache"]

@@ -1,8 +1,8 @@
 """The whole network computed lean: one pair, :func:`lean_forward` and :class:`LeanEOIR`.
 
-Order of the computation (:func:`_pair`): both encoders (the fixed image's features kept
-ragged, the moving ones dense: ``grid_sample`` reads them anywhere), the feature pyramid,
-then the levels from the coarsest to the finest, each estimator followed by its integration
+Order of the computation (:func:`_pair`): the fixed image's encoder and feature pyramid (its
+features kept ragged; :mod:`.fixed`, which can keep them for the next pairs with the same
+fixed image), the moving image's (dense: ``grid_sample`` reads them anywhere), then the levels from the coarsest to the finest, each estimator followed by its integration
 (scaling and squaring) and the composition with the coarser field. Integration and
 composition (whose warps read anywhere) run on 3-channel fields only, and the finest
 estimator runs last, after the coarser features are freed.
@@ -25,9 +25,11 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.profiler import record_function
 
+from ..inverse import invert_levels
 from ..layers import crop_padding, pad_to_multiple, padding_to_multiple
 from ..network import EOIR, NUM_LEVELS
 from .encoder import Encoder, choose_split, encode
+from .fixed import FixedFeatureCache, fixed_features
 from .estimator import estimate
 from .memory import release_free_memory
 from .resampling import downsample_map, integrate, upsample_rows, warp
@@ -45,40 +47,42 @@ def default_store_limit(start_channel: int) -> float:
 
 
 def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-          store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
-    """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16).
+          store_limit: float | None = None, finest_level: int = 0, with_inverse: bool = False,
+          fixed_cache: FixedFeatureCache | None = None):
+    """``ddf (1, 3, D0, D1, D2)`` of one pair ``(D0, D1, D2)`` each (sizes multiples of 16);
+    ``with_inverse``: ``(ddf, inverse)``, the inverse composed from the levels' velocities
+    (:func:`scripts.inverse.invert_levels`, with this path's integration and warp).
 
     The fixed features are kept ragged (only their non-background voxels), the moving ones
     dense (``grid_sample`` reads them anywhere). Each image's block-2 storage is the fastest
     that keeps the encoder's stored maps within ``store_limit`` N-channel full maps.
-    ``finest_level``: as ``EOIR.forward``'s (levels below it are not run).
+    ``finest_level``: as ``EOIR.forward``'s (levels below it are not run). ``fixed_cache``: take
+    the fixed image's features from it (computed and kept there on a miss; :mod:`.fixed`).
     """
-    ey = Encoder(net, fixed, rows, skip_background)
     ex = Encoder(net, moving, rows, skip_background)
     if store_limit is None:
-        store_limit = default_store_limit(ey.n)
-    y_rows = ey.row_sizes(ey.n, ey.keep3)  # the fixed features, ragged
-    split_y = choose_split(y_rows, ey.row_sizes(2 * ey.n, ey.keep2), 0.0, max(store_limit, 2.0))
-    split_x = choose_split(ex.row_sizes(ex.n), ex.row_sizes(2 * ex.n, ex.keep2), sum(y_rows), store_limit)
-    with record_function("lean.encode.fixed"):
-        y0 = encode(net, fixed, split=split_y, rows=rows, ragged=True, encoder=ey)
-    del ey
+        store_limit = default_store_limit(ex.n)
+    if fixed_cache is None:
+        y_stored, ys = fixed_features(net, fixed, rows, skip_background, store_limit)
+    else:
+        y_stored, ys = fixed_cache.get(net, fixed, rows, skip_background, store_limit)
+        ys = list(ys)  # the levels are dropped from this list as they are used, not from the cache
+    split_x = choose_split(ex.row_sizes(ex.n), ex.row_sizes(2 * ex.n, ex.keep2), y_stored, store_limit)
     with record_function("lean.encode.moving"):
         x0 = encode(net, moving, split=split_x, rows=rows, encoder=ex)
     del ex
-    # the pyramid, one image at a time (both full-size maps are alive here); level 1 is dropped
-    # as soon as level 2 exists and made again when its turn comes (it is 1/8 of level 0:
-    # re-making it is cheap, keeping it costs 2 x N/8 channels all along)
-    xs, ys = [x0, None], [y0, None]
-    del x0, y0
-    for levels, down1 in ((xs, EOIR.downsample), (ys, downsample_map)):
-        level = down1(levels[0])
-        for _ in range(NUM_LEVELS - 2):
-            level = EOIR.downsample(level)
-            levels.append(level)
-        del level
+    # the moving pyramid (both full-size maps are alive here); level 1 is dropped as soon as
+    # level 2 exists and made again when its turn comes (it is 1/8 of level 0: re-making it is
+    # cheap, keeping it costs 2 x N/8 channels all along)
+    xs = [x0, None]
+    del x0
+    level = EOIR.downsample(xs[0])
+    for _ in range(NUM_LEVELS - 2):
+        level = EOIR.downsample(level)
+        xs.append(level)
+    del level
     release_free_memory()
-    u = None
+    u, velocities = None, []
     for level in reversed(range(finest_level, NUM_LEVELS)):
         if level == 1:
             xs[1], ys[1] = EOIR.downsample(xs[0]), downsample_map(ys[0])
@@ -86,10 +90,13 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
             xs[:level] = ys[:level] = [None] * level
         up_rows = None if u is None else (lambda r0, r1, u=u: upsample_rows(u, r0, r1))
         with record_function(f"lean.estimate.level{level}"):
-            v = estimate(net.estimators[level], xs[level], ys[level], up_rows, rows, consume_y=level == 0)
+            v = estimate(net.estimators[level], xs[level], ys[level], up_rows, rows,
+                         consume_y=level == 0 and fixed_cache is None)
         xs[level] = ys[level] = None  # this level's features are no longer needed
         with record_function(f"lean.integrate.level{level}"):
             phi = integrate(v)
+        if with_inverse:
+            velocities.insert(0, v)
         del v
         if u is not None:  # compose with the coarser field: phi + warp(up, phi)
             w = warp(EOIR.upsample_field(u), phi)
@@ -98,11 +105,19 @@ def _pair(net: EOIR, moving: torch.Tensor, fixed: torch.Tensor, *, rows: int = 2
         release_free_memory()
     for _ in range(finest_level):
         u = EOIR.upsample_field(u)
-    return u
+    if not with_inverse:
+        return u
+    with record_function("lean.inverse"):
+        inverse = invert_levels(velocities, integrate, warp, EOIR.upsample_field)
+        del velocities
+        for _ in range(finest_level):
+            inverse = EOIR.upsample_field(inverse)
+    return u, inverse
 
 
 def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: bool = True,
-                 store_limit: float | None = None, finest_level: int = 0) -> torch.Tensor:
+                 store_limit: float | None = None, finest_level: int = 0, with_inverse: bool = False,
+                 fixed_cache: FixedFeatureCache | None = None):
     """``net.eval()(x)`` computed lean: ``x (B, 2, D0, D1, D2) = cat([moving, fixed], 1)`` -> ``ddf``.
 
     Args:
@@ -120,10 +135,14 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
             image's block 2 is stored in groups or recomputed (slower, see NOTES.md).
         finest_level: run the levels down to this one only (``EOIR.forward``'s argument;
             0 = the whole network).
+        with_inverse: also return the inverse field, as ``EOIR.forward_with_inverse`` does
+            (the levels' velocities are kept: 1.14 x a 3-channel full-size field).
+        fixed_cache: a :class:`.fixed.FixedFeatureCache`: the fixed image's features are taken
+            from it when it holds them (many images registered to one), else computed and kept.
 
     Returns ``ddf (B, 3, D0, D1, D2)`` float32, like ``EOIR.forward`` in eval mode (an
     ordinary tensor: computed under ``torch.inference_mode()``, returned as a copy usable
-    with autograd, e.g. to start instance optimisation from).
+    with autograd, e.g. to start instance optimisation from); ``with_inverse``: ``(ddf, inverse)``.
     """
     if x.ndim != 5 or x.shape[1] != 2:
         raise ValueError(f"EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1), got {tuple(x.shape)}")
@@ -133,13 +152,20 @@ def lean_forward(net: EOIR, x: torch.Tensor, *, rows: int = 2, skip_background: 
     pads = padding_to_multiple(shape, net.divisor)
     with torch.inference_mode(), record_function("lean.forward"):
         x = pad_to_multiple(x, pads)
-        out = []
+        out, inv = [], []
         for b in range(x.shape[0]):
             xb = x[b].float()
             ddf = _pair(net, xb[0].contiguous(), xb[1].contiguous(), rows=rows, skip_background=skip_background,
-                        store_limit=store_limit, finest_level=finest_level)
+                        store_limit=store_limit, finest_level=finest_level, with_inverse=with_inverse,
+                        fixed_cache=fixed_cache)
+            if with_inverse:
+                ddf, inverse = ddf
+                inv.append(crop_padding(inverse, pads, shape).contiguous())
             out.append(crop_padding(ddf, pads, shape).contiguous())
         ddf = out[0] if len(out) == 1 else torch.cat(out, 0)
+        if with_inverse:
+            inverse = inv[0] if len(inv) == 1 else torch.cat(inv, 0)
+            return ddf.clone(), inverse.clone()  # outside inference mode: ordinary tensors
     return ddf.clone()  # outside inference mode: an ordinary tensor
 
 
@@ -151,7 +177,9 @@ class LeanEOIR(nn.Module):
     ``EOIR``, so a checkpoint loads into either). ``forward(x)`` is the lean path when the
     module is in eval mode and gradients are off (``torch.no_grad()`` / ``inference_mode``,
     as MONAI evaluators run); otherwise it is ``net(x)`` (training, or gradients through the
-    network). For TorchScript export use the wrapped ``EOIR``.
+    network). For TorchScript export use the wrapped ``EOIR``. ``reuse_fixed`` (default): keep
+    the last fixed image's features (:class:`.fixed.FixedFeatureCache`, in ``fixed_cache``), so
+    that pairs sharing a fixed image (every subject to one template) encode it once.
 
     Example (a bundle config)::
 
@@ -159,10 +187,11 @@ class LeanEOIR(nn.Module):
     """
 
     def __init__(self, net: EOIR | None = None, *, start_channel: int = 32, rows: int = 2,
-                 skip_background: bool = True, store_limit: float | None = None):
+                 skip_background: bool = True, store_limit: float | None = None, reuse_fixed: bool = True):
         super().__init__()
         self.net = EOIR(start_channel=start_channel) if net is None else net
         self.rows, self.skip_background, self.store_limit = rows, skip_background, store_limit
+        self.fixed_cache = FixedFeatureCache() if reuse_fixed else None
 
     def forward(self, x: torch.Tensor, finest_level: int = 0):
         if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
@@ -170,7 +199,17 @@ class LeanEOIR(nn.Module):
             return self.net(x) if self.training else self.net(x, finest_level)
         x = x.as_tensor() if isinstance(x, MetaTensor) else x  # plain tensor: no per-op metadata bookkeeping
         return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
-                            store_limit=self.store_limit, finest_level=finest_level)
+                            store_limit=self.store_limit, finest_level=finest_level, fixed_cache=self.fixed_cache)
+
+    def forward_with_inverse(self, x: torch.Tensor, finest_level: int = 0):
+        """``(ddf, inverse)``: ``EOIR.forward_with_inverse``, by the lean path where :meth:`forward`
+        takes it."""
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
+            return self.net.forward_with_inverse(x, finest_level)
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        return lean_forward(self.net, x, rows=self.rows, skip_background=self.skip_background,
+                            store_limit=self.store_limit, finest_level=finest_level, with_inverse=True,
+                            fixed_cache=self.fixed_cache)
 
     def state_dict(self, *args, **kwargs):
         return self.net.state_dict(*args, **kwargs)

@@ -56,11 +56,10 @@ import numpy as np
 from ..errors import InputError, exit_on_input_error
 from .. import geometry
 from ..file_io import atomic_save_nifti, atomic_write_text, ensure_writable_dir
+from ..mni import FULL_SHAPE, full_template, grid_affine, resample, tissue_classes, world_coordinates
 
 logger = logging.getLogger(__name__)
 
-FULL_SHAPE: tuple[int, int, int] = (160, 224, 192)
-"""LUMIR's grid; the synthetic field of view is always this many mm."""
 DEFAULT_VAL_SUBJECTS = 4
 MAX_SIDE = 512
 
@@ -125,128 +124,12 @@ def parse_shape(shape) -> tuple[int, int, int]:
     return geometry.parse_shape(shape, multiple_of=16, max_side=MAX_SIDE)
 
 
-# =========================================================================================
-# Template on the LUMIR grid
-# =========================================================================================
-
-
-def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The nilearn MNI152 2009 1 mm T1 (0..1, skull-stripped), GM, WM maps and their affine."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from nilearn import datasets
-
-        t1 = datasets.load_mni152_template(resolution=1)
-        gm = datasets.load_mni152_gm_template(resolution=1)
-        wm = datasets.load_mni152_wm_template(resolution=1)
-    affine = np.asarray(t1.affine, dtype=np.float64)
-    for img, what in ((gm, "GM"), (wm, "WM")):
-        if img.shape != t1.shape or not np.allclose(img.affine, affine):
-            raise RuntimeError(f"nilearn's MNI152 {what} map is not on the T1 template's grid")
-    arrays = [np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32) for img in (t1, gm, wm)]
-    return arrays[0], arrays[1], arrays[2], affine
-
-
-def _crop_or_pad(vol: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """``vol[start : start + shape]`` per axis, zero where that range leaves ``vol``."""
-    out = np.zeros(tuple(shape), dtype=vol.dtype)
-    src, dst = [], []
-    for s, n, size in zip(start, shape, vol.shape):
-        lo, hi = max(s, 0), min(s + n, size)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[tuple(dst)] = vol[tuple(src)]
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def full_template() -> dict:
-    """Template on the 160x224x192 1 mm grid, plus the region boundaries (MNI mm)."""
-    t1, gm, wm, affine = _load_mni()
-    mask = t1 > 0  # the template is skull-stripped: brain = non-zero
-    start = []
-    for ax in range(3):
-        other = tuple(i for i in range(3) if i != ax)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        # centre the brain's bounding box: start + (F - 1) / 2 = (lo + hi) / 2
-        start.append((int(idx[0]) + int(idx[-1]) - FULL_SHAPE[ax] + 1) // 2)
-    shift = np.eye(4)
-    shift[:3, 3] = start
-    full_affine = affine @ shift
-    t1c, gmc, wmc = (_crop_or_pad(v, start, FULL_SHAPE) for v in (t1, gm, wm))
-    maskc = (t1c > 0).astype(np.float32)
-    # region boundaries from the full-resolution tissue classes, in MNI mm
-    tissue = tissue_classes(maskc, gmc, wmc)
-    world = _world_coordinates(full_affine, FULL_SHAPE)
-    bounds = {}
-    for cls, name in ((2, "gm"), (3, "wm")):
-        sel = tissue == cls
-        ys, zs = world[1][sel], world[2][sel]
-        bounds[name] = (
-            np.quantile(ys, [0.25, 0.5, 0.75]).astype(np.float64),
-            np.quantile(zs, [0.5]).astype(np.float64),
-        )
-    return {"t1": t1c, "gm": gmc, "wm": wmc, "mask": maskc, "affine": full_affine, "bounds": bounds}
-
-
-def tissue_classes(maskfrac: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """0 background, 1 CSF, 2 GM, 3 WM: argmax of (CSF = brain - GM - WM, GM, WM) in the brain."""
-    csf = np.clip(maskfrac - gm - wm, 0.0, None)
-    tissue = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.int16)
-    tissue[maskfrac < 0.5] = 0
-    return tissue
-
-
-def _world_coordinates(affine: np.ndarray, shape: Sequence[int]) -> list[np.ndarray]:
-    """MNI mm coordinates (x, y, z) of every voxel centre, each an array of ``shape`` (float32)."""
-    idx = [np.arange(n, dtype=np.float64) for n in shape]
-    out = []
-    for r in range(3):
-        c = affine[r, 3]
-        acc = np.zeros(tuple(shape), dtype=np.float64) + c
-        for a in range(3):
-            if affine[r, a] != 0:
-                view = [1, 1, 1]
-                view[a] = shape[a]
-                acc = acc + affine[r, a] * idx[a].reshape(view)
-        out.append(acc.astype(np.float32))
-    return out
-
-
-def grid_affine(shape: Sequence[int]) -> np.ndarray:
-    """Affine of the synthetic grid of ``shape``: the 160x224x192 mm field of view, MNI mm."""
-    shape = parse_shape(shape)
-    full = full_template()["affine"]
-    s = np.array(FULL_SHAPE, dtype=np.float64) / np.array(shape, dtype=np.float64)
-    scale = np.eye(4)
-    scale[:3, :3] = np.diag(s)
-    scale[:3, 3] = (s - 1.0) / 2.0  # voxel centre y -> full-grid coordinate (y + 0.5) s - 0.5
-    return full @ scale
-
-
-def resample(vols: Sequence[np.ndarray], shape: Sequence[int]) -> list[np.ndarray]:
-    """Resample full-grid volumes to ``shape`` over the same field of view (area when shrinking)."""
-    import torch
-    import torch.nn.functional as F
-
-    shape = tuple(shape)
-    if shape == FULL_SHAPE:
-        return [v.astype(np.float32, copy=True) for v in vols]
-    x = torch.from_numpy(np.stack(vols).astype(np.float32))[None]
-    with torch.no_grad():
-        if all(n <= f for n, f in zip(shape, FULL_SHAPE)):
-            y = F.adaptive_avg_pool3d(x, shape)
-        else:
-            y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
-    return [a.copy() for a in y[0].numpy()]
-
-
 def region_labels(tissue: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The 34-label map of tissue classes (0 bg, 1 CSF, 2 GM, 3 WM) on a grid with MNI
     ``affine``: CSF by hemisphere, GM/WM by hemisphere x MNI-y quartile x MNI-z half, with the
     template's region boundaries (the definition of :func:`template_volumes`)."""
     full = full_template()
-    x, y, z = _world_coordinates(affine, tissue.shape)
+    x, y, z = world_coordinates(affine, tissue.shape)
     hemi = (x >= 0).astype(np.int16)  # RAS: x < 0 is left
     labels = np.zeros(tissue.shape, dtype=np.int16)
     labels[tissue == 1] = CSF_LABELS[0] + hemi[tissue == 1]

@@ -20,21 +20,19 @@ is MIT-licensed. The MNI ICBM152 2009 template (nilearn) is free to use with att
 (Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University).
 Any other T1w head or brain scan works the same way.
 
-Steps (antspyx; ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = ``--threads`` unless already set):
+Steps (antspyx; ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = ``--threads`` unless already set; steps 1
+and 2 are those of the inference preprocessing, :mod:`scripts.preprocessing.mni_affine`, where
+the constants named below are defined):
 
 1. **Affine registration to MNI152** (the nilearn template on the synthetic grid of
-   ``--shape``, :func:`scripts.synthetic.lumir.grid_affine`; LUMIR's 160 x 224 x 192 1 mm
-   grid by default). The template is skull-stripped and the scan is a whole head, so stage 1
-   registers the head (Mattes mutual information, centre-of-mass start, antspyx's affine
-   pyramid) with the metric evaluated only inside the template's brain mask dilated by
-   ``HEAD_MARGIN_MM``; this finds the brain but leaves it too small (skull matched to the brain's
-   edge). The head is resampled onto the grid, bias-corrected (N4, optional) and its brain is
-   estimated (below); stage 2 registers that brain estimate to the template, brain to brain.
-   The two affines are composed and the scan is resampled once (linear) onto the grid.
-2. **Skull stripping**. The subject's own brain estimate: a 3-class k-means/Atropos
-   segmentation of the bias-corrected head inside the template's brain mask dilated by
-   ``SEARCH_MARGIN_MM``; the voxels where GM + WM outweigh the dark class (CSF, bone,
-   background), cut from scalp and marrow by an erosion of ``BRAIN_EROSION_MM`` (largest
+   ``--shape``, :func:`scripts.mni.grid_affine`; LUMIR's 160 x 224 x 192 1 mm grid by
+   default), brain to brain in two stages (:func:`scripts.preprocessing.mni_affine.align_to_mni`):
+   a brain estimate made in the scan's own space (bias-corrected by N4 unless ``--no_n4``) is
+   registered first, then the brain estimated on the grid (below). The two affines are
+   composed and the scan is resampled once (linear) onto the grid.
+2. **Skull stripping**. The subject's own brain estimate: the voxels brighter than CSF (3-class
+   intensity k-means) of the bias-corrected head inside the template's brain mask dilated by
+   ``SEARCH_MARGIN_MM``, cut from scalp and marrow by an erosion of ``BRAIN_EROSION_MM`` (largest
    component, dilated back within that tissue), closed by 3 mm and hole-filled. The brain mask
    applied is the template's brain mask within ``MASK_MARGIN_MM`` of that estimate (sulcal and
    surface CSF kept, no skull or scalp), plus the template's brain mask eroded by
@@ -100,16 +98,14 @@ import numpy as np
 
 from ..errors import InputError, exit_on_input_error
 from ..file_io import atomic_save_nifti, atomic_write, atomic_write_text, ensure_writable_dir
+from ..mni import FULL_SHAPE, template_on_grid, tissue_classes
+from ..preprocessing.mni_affine import align_to_mni, ants_module, brain_mask, to_ants
+from ..preprocessing.morphology import dice, envelope
 from .lumir import (
-    FULL_SHAPE,
     LANDMARKS,
     NUM_LANDMARKS,
-    full_template,
     nearest_allowed,
-    resample,
-    tissue_classes,
     check_count,
-    grid_affine,
     label_names,
     lumir_name,
     parse_shape,
@@ -121,107 +117,7 @@ from .lumir import (
 
 logger = logging.getLogger(__name__)
 
-HEAD_MARGIN_MM = 12.0  # stage-1 metric mask: template brain dilated by this
-SEARCH_MARGIN_MM = 5.0  # region searched for the subject's own brain estimate
-BRAIN_EROSION_MM = 3.0  # erosion that cuts the brain from scalp and marrow (then dilated back)
-MASK_MARGIN_MM = 2.0  # the applied brain mask: template brain within this of the subject's estimate
-CORE_EROSION_MM = 6.0  # template brain eroded by this is always kept (ventricles, deep CSF)
 MIN_BRAIN_DICE = 0.8  # below: warn that the affine registration may have failed
-MAX_LEVEL_MM = 10.0  # coarsest registration level, mm per voxel
-RANDOM_SEED = 1  # ANTs' sampling seed: the same input gives the same registration
-
-
-def _ants():
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
-    import ants
-
-    return ants
-
-
-# =========================================================================================
-# numpy (RAS affine) <-> ANTs (LPS)
-# =========================================================================================
-
-
-def _to_ants(array: np.ndarray, affine: np.ndarray):
-    """ANTs image of ``array`` (nibabel axis order) with the RAS voxel-to-world ``affine``."""
-    ants = _ants()
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing
-    return ants.from_numpy(
-        np.ascontiguousarray(array, dtype=np.float32),
-        origin=tuple(float(v) for v in lps[:3, 3]),
-        spacing=tuple(float(v) for v in spacing),
-        direction=direction,
-    )
-
-
-def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    r = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
-    grids = np.meshgrid(*[np.arange(-n, n + 1) * s for n, s in zip(r, spacing)], indexing="ij")
-    return sum(g**2 for g in grids) <= radius_mm**2 + 1e-6
-
-
-def _dilate(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    from scipy.ndimage import binary_dilation
-
-    ball = _ball(radius_mm, spacing)
-    return binary_dilation(mask, ball) if ball.size > 1 else mask.copy()
-
-
-def _erode(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
-    ball = _ball(radius_mm, spacing)
-    return binary_erosion(mask, ball) if ball.size > 1 else mask.copy()
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import label
-
-    lab, n = label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
-def _pyramid(iterations, shrink, sigmas, spacing) -> dict:
-    """``ants.registration`` affine-pyramid arguments, keeping the levels whose voxels are at most
-    ``MAX_LEVEL_MM`` (a coarse grid, as in the tests, starts at a finer shrink factor)."""
-    keep = [i for i, f in enumerate(shrink) if f * float(min(spacing)) <= MAX_LEVEL_MM or f == 1]
-    return {
-        "aff_iterations": tuple(iterations[i] for i in keep),
-        "aff_shrink_factors": tuple(shrink[i] for i in keep),
-        "aff_smoothing_sigmas": tuple(sigmas[i] for i in keep),
-    }
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
-
-
-# =========================================================================================
-# Template on the grid; labels and landmarks from tissue maps (the synthetic definitions)
-# =========================================================================================
-
-
-def template_on_grid(shape: Sequence[int] = FULL_SHAPE) -> dict:
-    """The MNI152 template (T1, brain-mask fraction, GM, WM) on the synthetic grid of ``shape``."""
-    shape = parse_shape(shape)
-    full = full_template()
-    t1, maskfrac, gm, wm = resample([full["t1"], full["mask"], full["gm"], full["wm"]], shape)
-    return {
-        "t1": np.clip(t1, 0.0, 1.0).astype(np.float32),
-        "maskfrac": maskfrac,
-        "mask": maskfrac >= 0.5,
-        "gm": gm,
-        "wm": wm,
-        "affine": grid_affine(shape),
-    }
 
 
 def landmark_volume(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -273,7 +169,7 @@ def _read_subject(path):
         raise InputError(f"{p}: the image is constant or has non-finite values")
     lo, hi = np.quantile(data, [0.0, 0.995])
     data = np.clip((data - lo) / max(float(hi - lo), 1e-6), 0.0, None)  # ~0..1: MI histograms, N4
-    return _to_ants(data, img.affine)
+    return to_ants(data, img.affine)
 
 
 def _segment(ants, image, mask: np.ndarray, ref, classes: int = 3, mrf: float = 0.1) -> np.ndarray:
@@ -287,29 +183,6 @@ def _segment(ants, image, mask: np.ndarray, ref, classes: int = 3, mrf: float = 
     return post[np.argsort(means, kind="stable")]
 
 
-def _own_brain(ants, head, search: np.ndarray, ref, spacing) -> np.ndarray:
-    """The subject's brain estimate in ``search``: the voxels where GM + WM outweigh the dark
-    class (CSF, skull, background) of a 3-class segmentation, cut from the scalp and marrow by
-    an erosion of ``BRAIN_EROSION_MM`` (largest component, dilated back inside the tissue),
-    closed (3 mm) and hole-filled."""
-    post = _segment(ants, head, search, ref)
-    tissue = (post[1] + post[2] > post[0]) & search
-    core = _largest_component(_erode(tissue, BRAIN_EROSION_MM, spacing))
-    return _envelope(_dilate(core, BRAIN_EROSION_MM, spacing) & tissue, spacing)
-
-
-def _envelope(tissue: np.ndarray, spacing) -> np.ndarray:
-    """Largest component of ``tissue``, closed by 3 mm, holes filled."""
-    from scipy.ndimage import binary_closing, binary_fill_holes
-
-    brain = _largest_component(tissue)
-    close = _ball(3.0, spacing)
-    if close.size > 1:
-        pad = max(close.shape) // 2 + 1
-        brain = binary_closing(np.pad(brain, pad), close)[pad:-pad, pad:-pad, pad:-pad]
-    return binary_fill_holes(brain)
-
-
 def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True, workdir=None) -> dict:
     """The scan ``t1_path`` affinely in MNI space on the synthetic grid of ``shape``, skull-stripped
     and segmented (module docstring, steps 1-3).
@@ -320,55 +193,26 @@ def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True,
     files in ``workdir``, stage 2 then stage 1, as ``ants.apply_transforms`` takes them). Raises :class:`InputError` for a missing or unreadable scan.
     """
     shape = parse_shape(shape)
-    ants = _ants()
+    ants = ants_module()
     tmpl = template_on_grid(shape)
     affine = tmpl["affine"]
     spacing = np.abs(np.diag(affine)[:3])
     t0 = time.perf_counter()
     subject = _read_subject(t1_path)
     logger.info("read %s: %s voxels of %s mm", t1_path, subject.shape, tuple(round(s, 3) for s in subject.spacing))
-    fixed = _to_ants(tmpl["t1"], affine)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="eoir_subject_"))
 
-    # -- stage 1: head -> template, metric in the dilated template brain -------------------
-    head_region = _dilate(tmpl["mask"], HEAD_MARGIN_MM, spacing)
-    reg1 = ants.registration(
-        fixed, subject, type_of_transform="Affine", mask=fixed.new_image_like(head_region.astype(np.float32)),
-        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage1_"),
-        **_pyramid((2100, 1200, 1200, 10), (6, 4, 2, 1), (3, 2, 1, 0), spacing),  # antspyx's defaults at 1 mm
-    )
-    search = _dilate(tmpl["mask"], SEARCH_MARGIN_MM, spacing)
-    search_img = fixed.new_image_like(search.astype(np.float32))
-    head = ants.apply_transforms(fixed, subject, reg1["fwdtransforms"], interpolator="linear")
-    if n4:
-        head = ants.n4_bias_field_correction(head, mask=search_img)
-    own = _own_brain(ants, head, search, fixed, spacing)
-    quality = {"brain_dice_stage1": _dice(own, tmpl["mask"])}
-    logger.info("stage 1 affine (head -> MNI152) and brain estimate done, %.0fs", time.perf_counter() - t0)
-
-    # -- stage 2: the subject's brain estimate -> template --------------------------------
-    crude = _dilate(own, 1.0, spacing)
-    reg2 = ants.registration(
-        fixed, head * head.new_image_like(crude.astype(np.float32)), type_of_transform="Affine",
-        aff_metric="mattes", random_seed=RANDOM_SEED, outprefix=str(workdir / "stage2_"),
-        **_pyramid((200, 100, 50), (4, 2, 1), (2, 1, 0), spacing),  # starts near the solution
-    )
-    transforms = list(reg2["fwdtransforms"]) + list(reg1["fwdtransforms"])  # applied last to first
-    head = ants.apply_transforms(fixed, subject, transforms, interpolator="linear")  # one resampling
-    if n4:
-        head = ants.n4_bias_field_correction(head, mask=search_img)
-    own = _own_brain(ants, head, search, fixed, spacing)
+    # -- stages 1 and 2: head -> template, then the subject's brain estimate -> template -----
+    aligned = align_to_mni(subject, tmpl, workdir, n4=n4,
+                           log=lambda what: logger.info("%s, %.0fs", what, time.perf_counter() - t0))
+    transforms, head, own, fixed = aligned["transforms"], aligned["head"], aligned["own"], aligned["reference"]
+    quality = dict(aligned["quality"])
     tmpl_tissue = tissue_classes(tmpl["maskfrac"], tmpl["gm"], tmpl["wm"])
-    quality["brain_dice"] = _dice(own, tmpl["mask"])
-    quality["envelope_dice"] = _dice(own, _envelope(tmpl_tissue >= 2, spacing))  # like with like
-    logger.info("stage 2 affine (brain -> MNI152) and brain estimate done, %.0fs", time.perf_counter() - t0)
+    quality["envelope_dice"] = dice(own, envelope(tmpl_tissue >= 2, spacing))  # like with like
 
     # -- skull stripping -----------------------------------------------------------------
-    from scipy.ndimage import binary_fill_holes
-
-    mask = (tmpl["mask"] & _dilate(own, MASK_MARGIN_MM, spacing)) | _erode(tmpl["mask"], CORE_EROSION_MM, spacing)
-    mask = binary_fill_holes(_largest_component(mask))
-    quality["mask_dice"] = _dice(mask, tmpl["mask"])
+    mask = brain_mask(own, tmpl["mask"], spacing)
+    quality["mask_dice"] = dice(mask, tmpl["mask"])
     logger.info("skull stripping done (%d brain voxels), %.0fs", int(mask.sum()), time.perf_counter() - t0)
 
     # -- tissue segmentation and intensity -----------------------------------------------
@@ -377,9 +221,9 @@ def subject_volumes(t1_path, shape: Sequence[int] = FULL_SHAPE, n4: bool = True,
     post = _segment(ants, head, mask, fixed)
     post *= mask
     tissue = tissue_classes(mask.astype(np.float32), post[1], post[2])
-    quality["gm_wm_dice"] = _dice(tissue >= 2, tmpl_tissue >= 2)
-    quality["gm_dice"] = _dice(tissue == 2, tmpl_tissue == 2)
-    quality["wm_dice"] = _dice(tissue == 3, tmpl_tissue == 3)
+    quality["gm_wm_dice"] = dice(tissue >= 2, tmpl_tissue >= 2)
+    quality["gm_dice"] = dice(tissue == 2, tmpl_tissue == 2)
+    quality["wm_dice"] = dice(tissue == 3, tmpl_tissue == 3)
     labels = region_labels(tissue, affine)
     landmarks = landmark_volume(labels > 0, affine)
     x = head.numpy().astype(np.float32)

@@ -244,17 +244,25 @@ def _wait_policy_env(args: argparse.Namespace) -> str:
     return os.environ.get("OMP_WAIT_POLICY", "unset")
 
 
-def spawn_worker(cmd: list[str], threads: int, wait_policy: str | None = None,
-                 capture_output: bool = False) -> subprocess.CompletedProcess:
+def spawn_worker(cmd: list[str], threads: int | None, wait_policy: str | None = None,
+                 capture_output: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <cmd>`` in the bundle folder in its own process, with ``threads`` OpenMP/MKL
-    threads and ``OMP_WAIT_POLICY=wait_policy`` (None: the caller's environment); stdout and
-    stderr captured, or stdout dropped and stderr passed through."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if wait_policy is not None:
+    threads (None: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` removed, torch's default) and
+    ``OMP_WAIT_POLICY=wait_policy`` (None: the caller's environment; ``"unset"``: removed);
+    stdout and stderr captured, or stdout dropped and stderr passed through. ``timeout``:
+    seconds, then the child is killed (``subprocess.TimeoutExpired``)."""
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+        if threads is not None:
+            env[name] = str(threads)
+    if wait_policy == "unset":
+        env.pop("OMP_WAIT_POLICY", None)
+    elif wait_policy is not None:
         env["OMP_WAIT_POLICY"] = wait_policy
     env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     out = dict(capture_output=True) if capture_output else dict(stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    return subprocess.run([sys.executable, "-m", *cmd], cwd=BUNDLE_ROOT, env=env, text=True, **out)
+    return subprocess.run([sys.executable, "-m", *cmd], cwd=BUNDLE_ROOT, env=env, text=True, timeout=timeout, **out)
 
 
 def _run_child(path: str, args: argparse.Namespace, tmp: Path, input_file: Path, amp: str = "off") -> dict:

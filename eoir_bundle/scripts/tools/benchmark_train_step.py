@@ -1,7 +1,7 @@
 """Training-step benchmark: seconds and peak memory of one EOIR training step.
 
     python -m scripts.tools.benchmark_train_step --start_channel 32 --shape 160,224,192 \\
-        [--checkpointing off,on] [--amp off] [--steps 2] [--warmup 1] [--threads 2] [--device cpu|cuda]
+        [--checkpointing off,on] [--amp off] [--steps 2] [--warmup 1] [--threads 2|auto] [--device cpu|cuda]
 
 One step is what ``configs/train.json`` runs per iteration: ``MultiScaleOutputs`` forward
 (every level), the multi-scale NCC + smoothness loss (``PairLoss``, the recipe's weights),
@@ -12,7 +12,11 @@ setting: seconds per step (the minimum over ``--steps`` steps after ``--warmup``
 peak memory: on CPU the child's peak resident memory (``VmHWM``, interpreter included, and its
 baseline before the first step); on CUDA ``torch.cuda.max_memory_allocated`` (tensors) and
 ``max_memory_reserved`` (what the caching allocator took). The loss of the first step is
-printed per setting: checkpointing must not change it. Output: a table, then JSON as the last line.
+printed per setting: checkpointing must not change it. ``--threads auto``: the threads are
+chosen as ``train.json``'s ``num_threads: "auto"`` does (:class:`scripts.threads.CpuThreads`: at the
+start, then before a step once its re-check interval has passed; the choice is inside the step's
+time), in torch's default environment (no ``OMP_NUM_THREADS``); the threads of each step are
+reported. Output: a table, then JSON as the last line.
 """
 
 from __future__ import annotations
@@ -32,14 +36,28 @@ import numpy as np
 from .benchmark import AMP_DTYPES, build_network, make_input, max_rss_gb, require_cuda, shape_argument, spawn_worker
 
 
+def threads_argument(text: str) -> str | int:
+    """``--threads N`` (>= 1) or ``auto`` for argparse."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes an integer >= 1 or auto, got {text!r}")
+    return int(text)
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from ..network import MultiScaleOutputs
+    from ..threads import CpuThreads
     from ..training import PairLoss
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    cpu_threads = CpuThreads(args.threads, device)
+    if args.threads == "auto":
+        cpu_threads.choose()  # as when the trainer starts
+    else:
+        torch.set_num_threads(args.threads)
     amp_dtype = AMP_DTYPES[args.amp]
     net = build_network(args.start_channel, None, args.seed).to(device)
     model = MultiScaleOutputs(net, activation_checkpointing=args.checkpointing == "on").train()
@@ -60,16 +78,21 @@ def run_worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     baseline = max_rss_gb()
-    losses, seconds = [], []
+    losses, seconds, threads = [], [], []
     for i in range(args.warmup + args.steps):  # warm-up steps: allocator, kernels, Adam state
         sync()
         t0 = time.perf_counter()
+        if args.threads == "auto":
+            cpu_threads.update()  # as at the trainer's ITERATION_STARTED
+        threads.append(torch.get_num_threads())
         losses.append(step())
         sync()
         if i >= args.warmup:
             seconds.append(time.perf_counter() - t0)
-        print(f"step {i}: {time.perf_counter() - t0:.1f} s, loss {losses[-1]:.6f}", file=sys.stderr, flush=True)
-    result = {"seconds": min(seconds), "seconds_all": seconds, "first_loss": losses[0], "torch": torch.__version__}
+        print(f"step {i}: {time.perf_counter() - t0:.1f} s, loss {losses[-1]:.6f}, {threads[-1]} threads",
+              file=sys.stderr, flush=True)
+    result = {"seconds": min(seconds), "seconds_all": seconds, "first_loss": losses[0], "torch": torch.__version__,
+              "threads": threads}
     if device.type == "cuda":
         result.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
                       peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9, gpu=torch.cuda.get_device_name())
@@ -85,7 +108,8 @@ def _run_child(args: argparse.Namespace, checkpointing: str, amp: str, input_fil
            "--result_file", str(result_file), "--start_channel", str(args.start_channel),
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--seed", str(args.seed), "--device", args.device, "--checkpointing", checkpointing, "--amp", amp]
-    proc = spawn_worker(cmd, args.threads, os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = spawn_worker(cmd, None if args.threads == "auto" else args.threads,
+                        os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     if proc.returncode != 0 or not result_file.exists():
         return {"error": f"exit {proc.returncode} (out of memory?)"}
     return json.loads(result_file.read_text())
@@ -129,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--start_channel", type=int, default=32)
     parser.add_argument("--shape", type=shape_argument, default=(160, 224, 192))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=threads_argument, default=2,
+                        help="CPU threads, or auto (chosen from the cores other processes leave free)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
