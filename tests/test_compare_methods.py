@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import BUNDLE, tiny_dataset
 
@@ -28,8 +29,8 @@ def test_cli_scores_network_io_variants_and_ants(data, tmp_path):
                          "network+io20 (io_network_level 0)", "io20 from zero (no network)", "ants_SyNOnly"}
     assert doc["io_settings"]["io_init"] == "warm_start" and doc["io_settings"]["io_network_level"] == 1
     for name, m in mean.items():
-        assert set(m) == {"dice", "hd95", "tre", "ndv", "seconds"}, name
-        assert 0.0 < m["dice"] <= 1.0 and m["ndv"] < 0.01, name
+        assert set(m) == {"dice", "hd95", "tre", "ndv", "folding", "ncc", "seconds"}, name
+        assert 0.0 < m["dice"] <= 1.0 and m["ndv"] < 0.01 and m["folding"] < 0.01, name
     # registration is measured, not assumed: IO and ANTs move the labels closer than no displacement
     for name in ("network+io20", "io20 from zero (no network)", "ants_SyNOnly"):
         assert mean[name]["dice"] > mean["zero"]["dice"] + 0.02, (name, mean[name]["dice"], mean["zero"]["dice"])
@@ -83,3 +84,34 @@ def test_warm_up_runs_before_the_first_pair_only(data, monkeypatch):
     second = method.run(pair)
     assert calls == [7, 7, 7] and set(first) == set(second) == {"network", "network+io7"}
     assert all(t > 0 for _, t in second.values())
+
+
+def test_cli_named_io_variants_folding_and_paired_tests(data, tmp_path):
+    """``--io_variants`` runs named IO settings on the same network field; every method gets
+    folding and full-grid NCC; each method is tested against the default (Wilcoxon over pairs)."""
+    out = tmp_path / "variants.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.compare_methods", "--dataset_dir", str(data), "--ckpt", str(data / "m8.pt"),
+         "--io_iterations", "0", "--extra_io_iterations", "", "--ants", "", "--no_hd95", "--threads", "1",
+         "--io_variants", "sel:io_iterations=10,io_init=select;c10:io_iterations=10,io_init=compose,io_level=0",
+         "--output", str(out)],
+        cwd=BUNDLE, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["mean"]) == {"zero", "network", "sel", "c10"}
+    assert doc["variants"]["c10"] == {"io_iterations": 10, "io_init": "compose", "io_level": 0}
+    for name, m in doc["mean"].items():
+        assert {"dice", "ndv", "folding", "ncc", "seconds"} <= set(m) and "hd95" not in m, name
+    assert doc["mean"]["c10"]["ncc"] > doc["mean"]["zero"]["ncc"]
+    assert "| pair (moving -> fixed) |" in res.stdout
+
+
+def test_paired_tests():
+    from scripts.tools.compare_methods import paired_tests
+
+    rows = [{"a": {"dice": 0.5 + i / 100}, "b": {"dice": 0.6 + i / 90}, "c": {"dice": 0.5 + i / 100}} for i in range(8)]
+    got = paired_tests(rows, "a")
+    assert set(got) == {"b", "c"}
+    assert got["b"]["wins"] == 8 and got["b"]["p"] < 0.01 and got["b"]["mean_diff"] > 0
+    assert got["c"]["n"] == 8 and np.isnan(got["c"]["p"])  # identical: no test

@@ -238,3 +238,23 @@ def test_configs_use_the_io_inferer_with_their_ids(files, key):
     assert inferer.io_learning_rate == defaults["io_learning_rate"]
     assert inferer.io_reg_weight == defaults["io_reg_weight"]
     assert (inferer.io_init, inferer.io_network_level) == (defaults["io_init"], defaults["io_network_level"])
+
+
+def test_select_keeps_the_result_with_the_higher_full_grid_ncc(ckpt, pair):
+    """``io_init="select"``: compose and warm start from the whole network's field, and per pair
+    the result whose warped moving image has the higher local NCC on the input grid."""
+    x = pair[0]
+    net = load_weights(EOIR(start_channel=8), ckpt).eval()
+    kw = dict(io_iterations=12, io_level=0, io_levels=2)
+    with torch.no_grad():
+        results = {m: InstanceOptimizationInferer(io_init=m, io_network_level=0, **kw)(x, net) for m in ("compose", "warm_start")}
+        inferer = InstanceOptimizationInferer(io_init="select", **kw)
+        got = inferer(x, net)
+    stats = inferer.last_stats
+    scores = stats["ncc_full"]
+    best = "compose" if scores["compose"][0] >= scores["warm_start"][0] else "warm_start"
+    assert stats["selected"] == [best]
+    assert torch.equal(got, results[best])
+    for mode, ddf in results.items():
+        warped = inferer.warp(x[:, :1], ddf)
+        assert abs(1.0 - float(local_ncc_loss(warped, x[:, 1:], window=9)) - scores[mode][0]) < 1e-6

@@ -142,7 +142,7 @@ MIN_VELOCITY_SIDE = 4
 #: iterations of a level / iterations of the next finer level
 COARSE_TO_FINE_RATIO = 4
 #: how the network's field enters (see the module docstring)
-IO_INITS = ("warm_start", "compose")
+IO_INITS = ("warm_start", "compose", "select")
 #: the coarsest level an EOIR network can stop at (its pyramid has levels 0..4)
 MAX_NETWORK_LEVEL = 4
 
@@ -347,7 +347,7 @@ class InstanceOptimizationInferer(Inferer):
             kwargs = {**kwargs, "finest_level": level}
         # the network's inverse is part of the result's unless the map is exp(v) alone (warm start)
         w_net = None
-        if self.return_inverse and (self.io_init == "compose" or min(inputs.shape[2:]) < 4):
+        if self.return_inverse and (self.io_init in ("compose", "select") or min(inputs.shape[2:]) < 4):
             u_net, w_net, self.last_inverse = network_with_inverse(network, inputs, *args, **kwargs)
         else:
             with torch.no_grad():
@@ -361,11 +361,11 @@ class InstanceOptimizationInferer(Inferer):
             x = x.clone() if x.is_inference() else x
             u_net = u_net.clone() if u_net.is_inference() else u_net
             dtype = torch.promote_types(x.dtype, torch.float32)
-            ddf, v = self._optimize(x[:, :1].to(dtype), x[:, 1:].to(dtype), u_net.detach().to(dtype))
+            ddf, v, modes = self._optimize_selected(x[:, :1].to(dtype), x[:, 1:].to(dtype), u_net.detach().to(dtype))
         if not self.return_inverse:
             return ddf
         with torch.no_grad():
-            inverse = self.inverse(v, tuple(inputs.shape[2:]), w_net)
+            inverse = self.inverse(v, tuple(inputs.shape[2:]), w_net, modes)
         return {"ddf": ddf, "inverse": self._refined(ddf, inverse)}
 
     def _refined(self, ddf: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -377,20 +377,25 @@ class InstanceOptimizationInferer(Inferer):
             inverse = convert_to_tensor(inverse, track_meta=False).to(ddf.dtype)
             return fixed_point_inverse(ddf, start=inverse, iterations=self.inverse_iterations)
 
-    def inverse(self, v: torch.Tensor | None, shape, w_net: torch.Tensor | None) -> torch.Tensor:
+    def inverse(self, v: torch.Tensor | None, shape, w_net: torch.Tensor | None, modes=None) -> torch.Tensor:
         """Inverse displacement of the optimised map on the input grid ``shape``: ``exp(-v)``
         (warm start), ``exp(-v) o (id + w_net)`` (compose; ``w_net`` the network's inverse),
-        ``w_net`` when no ``v`` was optimised (an image too small)."""
+        ``w_net`` when no ``v`` was optimised (an image too small). ``modes``: each pair's mode
+        (default: ``io_init`` for all; ``select`` gives each pair its own)."""
         if v is None:
             return w_net
+        modes = list(modes or [self.io_init] * v.shape[0])
         psi = resize_field(self.integrate(-v), shape)
-        if self.io_init == "warm_start":
+        if all(m == "warm_start" for m in modes):
             self.last_inverse = "velocities"
             logger.info("inverse field: exp(-v) of the optimised velocity")
             return psi
         w_net = convert_to_tensor(w_net, track_meta=False).to(psi.dtype)
-        logger.info(f"inverse field: exp(-v) composed with the network's inverse (from its {self.last_inverse})")
-        return compose(psi, w_net, self.warp)
+        logger.info(f"inverse field: exp(-v) composed with the network's inverse (from its {self.last_inverse})"
+                    + ("" if all(m == "compose" for m in modes) else " for the pairs that kept compose"))
+        composed = compose(psi, w_net, self.warp)
+        keep = torch.tensor([m == "compose" for m in modes], device=psi.device).view(-1, 1, 1, 1, 1)
+        return torch.where(keep, composed, psi)
 
     # ----------------------------------------------------------------------------------------
     def stages(self, shape) -> list[tuple[int, int]]:
@@ -432,11 +437,47 @@ class InstanceOptimizationInferer(Inferer):
         }
 
     def optimize(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor) -> torch.Tensor:
-        """Refine ``u_net`` for the pair(s) ``moving``, ``fixed`` (``(B, 1, *S)``, float) -> ``(B, 3, *S)``."""
-        return self._optimize(moving, fixed, u_net)[0]
+        """Refine ``u_net`` for the pair(s) ``moving``, ``fixed`` (``(B, 1, *S)``, float) -> ``(B, 3, *S)``.
 
-    def _optimize(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor):
-        """``(ddf, v)``: :meth:`optimize`'s field and the optimised velocity (None if none was)."""
+        ``io_init="select"``: both ``compose`` and ``warm_start`` (from the whole network's
+        field), each pair keeping the result whose moving image, warped on the input grid, has
+        the higher local NCC (``io_ncc_window``) with the fixed image."""
+        return self._optimize_selected(moving, fixed, u_net)[0]
+
+    def _optimize_selected(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor):
+        """``(ddf, v, modes)``: :meth:`optimize`'s field, the optimised velocity (None if none was)
+        and the mode each pair's result came from."""
+        if self.io_init != "select":
+            ddf, v = self._optimize(moving, fixed, u_net, self.io_init)
+            return ddf, v, [self.io_init] * moving.shape[0]
+        start = time.perf_counter()
+        results, stats, scores = [], [], []
+        for mode in ("compose", "warm_start"):
+            ddf, v = self._optimize(moving, fixed, u_net, mode)
+            with torch.no_grad():
+                warped = self.warp(moving, ddf)
+                cc = torch.stack([1.0 - local_ncc_loss(warped[b:b + 1], fixed[b:b + 1], window=self.io_ncc_window)
+                                  for b in range(moving.shape[0])])
+                del warped
+            results.append((ddf, v))
+            stats.append(self.last_stats)
+            scores.append(cc)
+        keep_compose = scores[0] >= scores[1]  # ties: the network's detail
+        (ddf_c, v_c), (ddf_w, v_w) = results
+        keep = keep_compose.view(-1, 1, 1, 1, 1)
+        ddf = torch.where(keep, ddf_c, ddf_w)
+        v = None if v_c is None or v_w is None else torch.where(keep, v_c, v_w)
+        modes = ["compose" if k else "warm_start" for k in keep_compose.tolist()]
+        self.last_stats = {**stats[0], "seconds": time.perf_counter() - start, "selected": modes,
+                           "ncc_full": {"compose": scores[0].tolist(), "warm_start": scores[1].tolist()}}
+        logger.info(f"io_init select: {', '.join(modes)} (full-grid NCC compose "
+                    f"{', '.join(f'{v:.4f}' for v in scores[0].tolist())}, warm start "
+                    f"{', '.join(f'{v:.4f}' for v in scores[1].tolist())}), {self.last_stats['seconds']:.1f} s")
+        return ddf, v, modes
+
+    def _optimize(self, moving: torch.Tensor, fixed: torch.Tensor, u_net: torch.Tensor, mode: str):
+        """``(ddf, v)`` of one ``mode`` (``"compose"`` or ``"warm_start"``): the refined field and
+        the optimised velocity (None if none was)."""
         start = time.perf_counter()
         shape = tuple(moving.shape[2:])
         if min(shape) < 4:  # no velocity grid of >= 2 voxels per side even at level 0
@@ -444,7 +485,7 @@ class InstanceOptimizationInferer(Inferer):
             return u_net, None
         stages = self.stages(shape)
         debug = logger.isEnabledFor(logging.DEBUG)
-        warm = self.io_init == "warm_start"
+        warm = mode == "warm_start"
         u_outer = torch.zeros_like(u_net) if warm else u_net  # the map composed after exp(v)
         with torch.no_grad():  # the loss pyramid of both images in one pass
             pyramid = image_pyramid(torch.cat([moving, fixed], dim=1), stages[0][0] + 1)

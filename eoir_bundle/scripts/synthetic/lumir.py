@@ -453,9 +453,11 @@ def to_uint8(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
 # =========================================================================================
 
 
-def write_evaluation_files(out: Path, shape, eval_pairs: list[dict], names: dict[int, str], description: str) -> None:
+def write_evaluation_files(out: Path, shape, eval_pairs: list[dict], names: dict[int, str], description: str,
+                           landmarks: bool = True) -> None:
     """Write ``labels.json`` and the two official-format evaluation configs (Dice/HD95 over
-    ``names``, TRE on ``landmarks``, NDV) for ``eval_pairs`` of images of ``shape``."""
+    ``names``, TRE on ``landmarks``, NDV) for ``eval_pairs`` of images of ``shape``
+    (``landmarks=False``: no landmark config and no landmark definitions)."""
     common = {
         "expected_shape": [*shape, 3],
         "eval_pairs": eval_pairs,
@@ -482,11 +484,13 @@ def write_evaluation_files(out: Path, shape, eval_pairs: list[dict], names: dict
     labels_doc = {
         "description": description,
         "labels": {str(v): name for v, name in names.items()},
-        "landmarks": {str(v): d for v, d in landmark_names().items()},
     }
+    if landmarks:
+        labels_doc["landmarks"] = {str(v): d for v, d in landmark_names().items()}
     atomic_write_text(json.dumps(labels_doc, indent=4) + "\n", out / "labels.json")
     atomic_write_text(json.dumps(seg_config, indent=4) + "\n", out / "LUMIR_VAL_Segmentation_evaluation_config.json")
-    atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
+    if landmarks:
+        atomic_write_text(json.dumps(lm_config, indent=4) + "\n", out / "LUMIR_VAL_Landmark_evaluation_config.json")
 
 
 def make_dataset(
