@@ -259,9 +259,11 @@ class InstanceOptimizationInferer(Inferer):
         exact_gradient: back-propagate through the scaling-and-squaring integration instead of
             the straight-through approximation (about 1.6x slower, the same accuracy in our tests).
         integration_steps: scaling-and-squaring steps of ``exp(v)`` (7, as in the network).
-        io_init: ``"compose"`` (``phi = phi_net o exp(v)``, ``v`` from 0) or ``"warm_start"``
+        io_init: ``"compose"`` (``phi = phi_net o exp(v)``, ``v`` from 0), ``"warm_start"``
             (``phi = exp(v)``, ``v`` started at the network's displacement resampled to the
-            velocity grid): see the module docstring. Either way 0 iterations = the network.
+            velocity grid) or ``"select"`` (both, each pair keeping the one with the higher
+            full-grid local NCC; the whole network runs): see the module docstring. Any way,
+            0 iterations = the network.
         io_network_level: with ``warm_start``, the finest pyramid level the network runs
             (0-4; passed as ``finest_level`` to networks that take it): 0 = the whole
             network; 1 (default) skips the full-resolution level, whose detail the warm start
