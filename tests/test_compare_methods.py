@@ -115,3 +115,17 @@ def test_paired_tests():
     assert set(got) == {"b", "c"}
     assert got["b"]["wins"] == 8 and got["b"]["p"] < 0.01 and got["b"]["mean_diff"] > 0
     assert got["c"]["n"] == 8 and np.isnan(got["c"]["p"])  # identical: no test
+
+
+def test_io_variants_without_the_network_are_refused(tmp_path, capsys):
+    """``--io_variants`` with ``--io_iterations ""`` (no network row) stops with one line instead of scoring
+    only ``zero``."""
+    from scripts.tools.compare_methods import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset_dir", str(tmp_path), "--io_iterations", "", "--ants", "",
+              "--io_variants", "s:io_iterations=10,io_init=select", "--output", str(tmp_path / "out.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--io_variants refine the network's field" in err and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()

@@ -417,13 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = merge([json.loads(Path(p).read_text()) for p in args.merge])
         add_selected(result, "network+io50 (select)", "network+io50 (compose)", "network+io50 (io_network_level 0)",
                      "network")
-        result = merge([result], args.reference)
-        print(table(result))
-        print()
-        print(pair_table(result))
-        if args.output:
-            atomic_write_text(json.dumps(result, indent=2), args.output)
-        return result
+        return _report(merge([result], args.reference), args.output)
     if not args.dataset_dir:
         raise InputError("--dataset_dir is required (unless --merge)")
     try:
@@ -439,15 +433,22 @@ def main(argv: list[str] | None = None) -> dict:
     HD95 = not args.no_hd95
     if not args.io_iterations.strip():  # no network (e.g. a run of ANTs alone)
         budgets = []
+        if args.io_variants.strip():
+            raise InputError("--io_variants refine the network's field: give --io_iterations 0 (or more) with them")
     result = compare(args.dataset_dir, args.data_list_file_path, args.ckpt, budgets, args.ants, args.threads,
                      args.max_pairs, extra, args.device, parse_variants(args.io_variants), args.ants_downsample,
                      args.skip_pairs)
     result["command"] = "python -m scripts.compare_methods " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    return _report(result, args.output)
+
+
+def _report(result: dict, output: str) -> dict:
+    """Print the method and per-pair tables of ``result``; write it as JSON to ``output`` if given."""
     print(table(result))
     print()
     print(pair_table(result))
-    if args.output:
-        atomic_write_text(json.dumps(result, indent=2), args.output)
+    if output:
+        atomic_write_text(json.dumps(result, indent=2), output)
     return result
 
 
