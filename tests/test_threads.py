@@ -136,7 +136,8 @@ def test_inference_config_logs_the_choice_and_honours_num_threads(tmp_path, keep
     data_json = lumir_folder(tmp_path / "data", ids=(1, 2))
     ckpt = tiny_checkpoint(tmp_path / "m8.pt")
     kw = dict(ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"), dataset_dir=str(tmp_path / "data"),
-              data_list_file_path=str(data_json), io_iterations=0, device="cpu", **{"network_def#start_channel": 8})
+              data_list_file_path=str(data_json), io_iterations=0, device="cpu", preprocess="off",  # small stand-in images
+              **{"network_def#start_channel": 8})
     run_workflow("inference.json", num_threads=1, **kw)
     run_workflow("inference.json", **kw)  # the default: auto
     # the bundle's logging.conf logs to stdout
