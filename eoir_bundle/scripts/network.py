@@ -18,7 +18,7 @@ Conventions (the same as MONAI's ``Warp`` and the LUMIR challenge):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,16 @@ class EOIR(nn.Module):
                 up = self.upsample_field(u)
         return {"velocities": velocities, "displacements": displacements}
 
+    def _padded_input(self, x: torch.Tensor, finest_level: int) -> Tuple[torch.Tensor, List[int], List[int]]:
+        """``(x padded to a multiple of 16, pads, spatial shape)``, after checking ``x`` and ``finest_level``."""
+        if x.dim() != 5 or x.shape[1] != 2:
+            raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
+        if finest_level < 0 or finest_level >= self.num_levels:
+            raise ValueError(f"finest_level must be in 0..{self.num_levels - 1}, got {finest_level}")
+        shape = [x.shape[2], x.shape[3], x.shape[4]]
+        pads = padding_to_multiple(shape, self.divisor)
+        return pad_to_multiple(x, pads), pads, shape
+
     def forward(self, x: torch.Tensor, finest_level: int = 0) -> torch.Tensor:
         """``ddf`` of the pair(s) ``x = cat([moving, fixed], 1)``.
 
@@ -206,13 +216,7 @@ class EOIR(nn.Module):
         optimisation's warm start reads the field on a coarse grid only, where the finest
         levels' detail does not matter (see ``scripts.instance_optimization``).
         """
-        if x.dim() != 5 or x.shape[1] != 2:
-            raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
-        if finest_level < 0 or finest_level >= self.num_levels:
-            raise ValueError(f"finest_level must be in 0..{self.num_levels - 1}, got {finest_level}")
-        shape = [x.shape[2], x.shape[3], x.shape[4]]
-        pads = padding_to_multiple(shape, self.divisor)
-        x = pad_to_multiple(x, pads)
+        x, pads, shape = self._padded_input(x, finest_level)
         ddf = self.pyramid(x[:, :1], x[:, 1:], False, finest_level)["displacements"][0]
         for _ in range(finest_level):
             ddf = self.upsample_field(ddf)
@@ -223,13 +227,7 @@ class EOIR(nn.Module):
         inverse map on the same grid, composed in reverse order from the levels' velocities
         (:func:`scripts.inverse.invert_levels`: ``exp(-v_l)`` by this network's own integration,
         warp and upsampling). ``inverse(p + ddf(p)) = -ddf(p)`` up to interpolation."""
-        if x.dim() != 5 or x.shape[1] != 2:
-            raise ValueError("EOIR expects (B, 2, D0, D1, D2) = cat([moving, fixed], 1)")
-        if finest_level < 0 or finest_level >= self.num_levels:
-            raise ValueError(f"finest_level must be in 0..{self.num_levels - 1}, got {finest_level}")
-        shape = [x.shape[2], x.shape[3], x.shape[4]]
-        pads = padding_to_multiple(shape, self.divisor)
-        x = pad_to_multiple(x, pads)
+        x, pads, shape = self._padded_input(x, finest_level)
         out = self.pyramid(x[:, :1], x[:, 1:], False, finest_level)
         ddf = out["displacements"][0]
         inverse = invert_levels(out["velocities"], self.integrate, self.warp, self.upsample_field)
