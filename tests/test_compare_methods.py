@@ -26,8 +26,8 @@ def test_cli_scores_network_io_variants_and_ants(data, tmp_path):
     doc = json.loads(out.read_text())
     mean = doc["mean"]
     assert set(mean) == {"zero", "network", "network+io20", "network+io20 (compose)",
-                         "network+io20 (io_network_level 0)", "io20 from zero (no network)", "ants_SyNOnly"}
-    assert doc["io_settings"]["io_init"] == "warm_start" and doc["io_settings"]["io_network_level"] == 1
+                         "network+io20 (warm_start)", "io20 from zero (no network)", "ants_SyNOnly"}
+    assert doc["io_settings"]["io_init"] == "select" and doc["io_settings"]["io_network_level"] == 1
     for name, m in mean.items():
         assert set(m) == {"dice", "hd95", "tre", "ndv", "folding", "ncc", "seconds"}, name
         assert 0.0 < m["dice"] <= 1.0 and m["ndv"] < 0.01 and m["folding"] < 0.01, name

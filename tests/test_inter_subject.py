@@ -80,9 +80,11 @@ def test_writes_layout_labels_and_both_ordered_pairs(pairs_dir):
 
 
 def test_io_select_refines_the_network_on_a_real_pair(pairs_dir):
-    """``io_init select`` (the candidate default that keeps the network's full-resolution field)
-    on a real inter-subject pair: Dice at least the network alone's, no folding;
-    ``io_iterations 0`` is the network's field bit for bit."""
+    """The default IO (``io_init select``: keeps the network's full-resolution field where that
+    matches better) on a real inter-subject pair improves the network alone's Dice by at least
+    0.02, without folding; ``io_iterations 0`` is the network's field bit for bit. The test grid
+    has ~2.4 mm voxels, so IO's loss runs on it (``io_level 0``), as the default's loss runs on the
+    2 mm level of LUMIR's 1 mm grid (measured: network 0.618, IO 0.663)."""
     from scripts.checkpoint import load_weights, read_checkpoint, start_channel_of
     from scripts.data.lists import evaluation_pairs
     from scripts.evaluation.metrics import dice_per_label, jacobian_stats, warp_nearest
@@ -108,9 +110,10 @@ def test_io_select_refines_the_network_on_a_real_pair(pairs_dir):
         u_net = net(x)
         same = InstanceOptimizationInferer(io_iterations=0, **inference_settings())(x, net)
         refined = InstanceOptimizationInferer(io_iterations=config["io_iterations"],
-                                              **{**inference_settings(), "io_init": "select"})(x, net)
+                                              **{**inference_settings(), "io_level": 0})(x, net)
     assert torch.equal(same, u_net)  # io_iterations 0: the network's field, bit for bit
     d_net, _ = dice(u_net)
     d_io, disp = dice(refined)
-    assert d_io >= d_net - 0.005, (d_io, d_net)
+    print(f"Dice: network {d_net:.4f}, network + default IO at io_level 0 {d_io:.4f}")
+    assert d_io >= d_net + 0.02, (d_io, d_net)
     assert jacobian_stats(disp)[1] < 0.01

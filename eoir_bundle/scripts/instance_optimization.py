@@ -22,15 +22,19 @@ smooth ``v``, and so is its composition with the network's (diffeomorphic) map. 
 ``u_io = 0`` and ``ddf = u_net``; with ``io_iterations = 0`` the inferer does not build ``v`` at
 all and returns ``network(inputs)`` itself (bit for bit, as ``SimpleInferer``).
 
-That is ``io_init="compose"``. With ``io_init="warm_start"`` (the bundle's default) the final map
-is ``exp(v)`` alone and ``v`` starts at the network's displacement resampled to the velocity grid
-(``exp(u) ~ u`` for moderate ``u``): the optimisation keeps the network's large-scale
+That is ``io_init="compose"``. With ``io_init="warm_start"`` (this class's default) the final
+map is ``exp(v)`` alone and ``v`` starts at the network's displacement resampled to the velocity
+grid (``exp(u) ~ u`` for moderate ``u``): the optimisation keeps the network's large-scale
 deformation as its starting point but is not tied to the network's fine-scale errors, which a
-smooth ``v`` composed with ``phi_net`` cannot undo. Measured on a held-out synthetic pair with
-the shipped weights (``python -m scripts.compare_methods``, docs/README.md): compose, 50
-iterations, Dice 0.865; warm start 25 iterations 0.914, 50 iterations 0.917 (ANTs SyN 0.907).
-With a network as good as the pairs need, ``compose`` keeps its fine detail; choose by
-measuring on your data.
+smooth ``v`` composed with ``phi_net`` cannot undo; the output, however, holds nothing finer than
+the velocity grid. ``io_init="select"`` (the bundle's default in ``configs/inference.json`` and
+``configs/evaluate.json``) runs both from the whole network's field and keeps, per pair, the one
+whose warped moving image has the higher local NCC with the fixed image on the full grid.
+Measured with the shipped weights and the other defaults (docs/inter_subject.md,
+``python -m scripts.compare_methods``): on real inter-subject pairs, where the network's
+full-resolution detail matters, ``select`` chose ``compose`` on every pair and beat the network
+alone, which the warm start fell below; on smooth synthetic warps of one brain (the warm start's
+model class) it chose the warm start.
 
 The warm start reads the network's displacement on the coarsest velocity grid only (1/8 of the
 input grid at the defaults), so the network need not run its finest levels: with
@@ -262,8 +266,8 @@ class InstanceOptimizationInferer(Inferer):
         io_init: ``"compose"`` (``phi = phi_net o exp(v)``, ``v`` from 0), ``"warm_start"``
             (``phi = exp(v)``, ``v`` started at the network's displacement resampled to the
             velocity grid) or ``"select"`` (both, each pair keeping the one with the higher
-            full-grid local NCC; the whole network runs): see the module docstring. Any way,
-            0 iterations = the network.
+            full-grid local NCC; the whole network runs; the bundle's configs use it): see the
+            module docstring. Any way, 0 iterations = the network.
         io_network_level: with ``warm_start``, the finest pyramid level the network runs
             (0-4; passed as ``finest_level`` to networks that take it): 0 = the whole
             network; 1 (default) skips the full-resolution level, whose detail the warm start

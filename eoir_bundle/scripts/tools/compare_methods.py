@@ -17,9 +17,11 @@ threads, on ``--device cuda`` see below):
   with that config's IO settings and ``K`` iterations; ``K = 0`` is the network alone). The
   network runs once per pair (and, first, down to ``io_network_level`` for the warm start,
   as the inference config does); a ``network+io{K}`` time is that network run's plus its IO time;
-  for the ``--extra_io_iterations`` budgets also IO with the other ``io_init``, IO from a
-  zero field without the network (what the network contributes) and, for the warm start, IO
-  from the whole network's field (``io_network_level 0``: what skipping its finest level costs);
+  for the ``--extra_io_iterations`` budgets also IO with the other ``io_init`` (with the
+  default ``select``: each of its two modes alone, ``compose`` and ``warm_start`` from the
+  network to ``io_network_level``), IO from a zero field without the network (what the network
+  contributes) and, when the default is the warm start, IO from the whole network's field
+  (``io_network_level 0``: what skipping its finest level costs);
 * ``ants_<transform>``: ``ants.registration(fixed, moving, type_of_transform=...)`` of
   ``antspyx`` (``SyNOnly``: deformable SyN only, the images being affinely aligned already),
   its forward transforms composed by ANTs into one displacement field and read back as a disp
@@ -199,9 +201,10 @@ class NetworkMethod:
         results = {"network": (u_net, t_net)}
         start_of = {"compose": (u_net, t_net), "select": (u_net, t_net), "warm_start": warm or (u_net, t_net)}
         runs = [(f"network+io{k}", k, {}, *start_of[init]) for k in self.io_budgets if k]
-        for k in self.extra_budgets:  # the other way of using the network, and no network at all
-            other = "compose" if init != "compose" else "warm_start"
-            runs.append((f"network+io{k} ({other})", k, {"io_init": other}, *start_of[other]))
+        for k in self.extra_budgets:  # the other ways of using the network, and no network at all
+            others = ("compose", "warm_start") if init == "select" else ("compose" if init != "compose" else "warm_start",)
+            for other in others:
+                runs.append((f"network+io{k} ({other})", k, {"io_init": other}, *start_of[other]))
             if init == "warm_start" and warm_level:  # the same, started from the whole network's field
                 runs.append((f"network+io{k} (io_network_level 0)", k, {}, u_net, t_net))
             runs.append((f"io{k} from zero (no network)", k, {"io_init": "compose"}, torch.zeros_like(u_net), 0.0))
