@@ -79,7 +79,7 @@ def test_writes_layout_labels_and_both_ordered_pairs(pairs_dir):
     assert 0.3 < dice < 0.9, dice
 
 
-def test_io_select_refines_the_network_on_a_real_pair(pairs_dir):
+def test_default_io_refines_the_network_on_a_real_pair(pairs_dir):
     """The default IO (``io_init select``: keeps the network's full-resolution field where that
     matches better) on a real inter-subject pair improves the network alone's Dice by at least
     0.02, without folding; ``io_iterations 0`` is the network's field bit for bit. The test grid
