@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter, median_filter
 
-from scripts.preprocessing.mni_affine import _kmeans_1d
+from scripts.preprocessing.mni_affine import kmeans_1d
 from scripts.preprocessing.morphology import ball, dilate, envelope, erode, majority
 
 
@@ -57,7 +57,7 @@ def test_histogram_kmeans_matches_lloyd(k):
     rng = np.random.default_rng(k)
     values = np.concatenate([rng.normal(0.1, 0.03, 40000), rng.normal(0.45, 0.05, 30000),
                              rng.normal(0.7, 0.05, 30000), rng.normal(0.9, 0.02, 5000)])
-    got = _kmeans_1d(values, k)
+    got = kmeans_1d(values, k)
     want = _lloyd(values, k)
     assert np.all(np.diff(got) > 0.02)  # k distinct classes
     np.testing.assert_allclose(got, want, atol=2 * np.ptp(values) / 4096)

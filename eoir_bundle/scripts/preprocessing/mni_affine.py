@@ -54,6 +54,7 @@ __all__ = [
     "ants_module",
     "block_average",
     "brain_mask",
+    "kmeans_1d",
     "mni_to_scan",
     "native_brain",
     "own_brain",
@@ -122,7 +123,7 @@ def pyramid(iterations, shrink, sigmas, spacing) -> dict:
     }
 
 
-def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 50, bins: int = 4096) -> np.ndarray:
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 50, bins: int = 4096) -> np.ndarray:
     """Sorted centres of ``k`` intensity classes: Lloyd's algorithm from evenly spaced quantiles, on
     a ``bins``-bin histogram of ``values`` (centres to within 1/``bins`` of the range)."""
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -176,9 +177,9 @@ def native_brain(image) -> np.ndarray:
     x = image.numpy()
     spacing = np.asarray(image.spacing, dtype=np.float64)
     step = max(1, int(round(np.cbrt(x.size / 2e6))))
-    split = _kmeans_1d(x[::step, ::step, ::step].ravel(), 2).mean()
+    split = kmeans_1d(x[::step, ::step, ::step].ravel(), 2).mean()
     head = binary_fill_holes(largest_component(x > split))
-    centres = _kmeans_1d(x[head][:: max(1, int(head.sum()) // 500_000)], 4)
+    centres = kmeans_1d(x[head][:: max(1, int(head.sum()) // 500_000)], 4)
     tissue = majority((x > (centres[0] + centres[1]) / 2) & head)
     # world (RAS) coordinates of the head's voxels
     lps = np.eye(4)
@@ -205,7 +206,7 @@ def own_brain(head, search: np.ndarray, spacing) -> np.ndarray:
     the scalp and marrow by an erosion of ``BRAIN_EROSION_MM`` (largest component, dilated back
     inside the tissue), closed (3 mm) and hole-filled."""
     x = head.numpy()
-    centres = _kmeans_1d(x[search][:: max(1, int(search.sum()) // 500_000)], 3)
+    centres = kmeans_1d(x[search][:: max(1, int(search.sum()) // 500_000)], 3)
     tissue = majority(x > (centres[0] + centres[1]) / 2) & search
     core = largest_component(erode(tissue, BRAIN_EROSION_MM, spacing))
     return envelope(dilate(core, BRAIN_EROSION_MM, spacing) & tissue, spacing)
